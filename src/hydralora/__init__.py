@@ -1,0 +1,38 @@
+"""HydraLoRA: one shared A, k B heads and a per-token router, for Hugging Face models."""
+
+from .config import ConfigError, HydraLoraConfig
+from .layer import HydraLoraLinear
+from .model import (
+    AdapterError,
+    add_hydralora,
+    adapter_state_dict,
+    balance_loss,
+    count_parameters,
+    disable_adapter,
+    hydralora_layers,
+    load_adapter,
+    remove_hydralora,
+    save_adapter,
+    set_token_mask,
+    trainable_summary,
+)
+
+__version__ = "0.1.0"
+__all__ = [
+    "AdapterError",
+    "ConfigError",
+    "HydraLoraConfig",
+    "HydraLoraLinear",
+    "__version__",
+    "adapter_state_dict",
+    "add_hydralora",
+    "balance_loss",
+    "count_parameters",
+    "disable_adapter",
+    "hydralora_layers",
+    "load_adapter",
+    "remove_hydralora",
+    "save_adapter",
+    "set_token_mask",
+    "trainable_summary",
+]

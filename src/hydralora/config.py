@@ -1,0 +1,173 @@
+"""HydraLoraConfig: the one source of HydraLoRA defaults, their validation and the JSON form.
+
+Defaults follow the paper and the authors' code (see docs/method.md): rank 8, alpha 16,
+dropout 0.05, a dense softmax router on the layer input x, one shared A, no balance loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROUTERS = ("softmax", "topk", "uniform")
+ROUTER_INPUTS = ("x", "a")
+HEAD_INITS = ("zero", "random")
+ROUTER_INITS = ("kaiming", "zero")
+
+# Keys that `save_adapter` adds to adapter_config.json beside the config fields.
+METADATA_KEYS = ("peft_type", "base_model_name_or_path", "hydralora_version")
+
+
+class ConfigError(ValueError):
+    """A HydraLoRA configuration value is invalid; the message names the key and the fix."""
+
+
+@dataclass
+class HydraLoraConfig:
+    """Configuration of HydraLoRA adapters: one shared A, `num_heads` B heads, a router.
+
+    y = W0 x + (alpha / r) * sum_i g_i(x) B_i A dropout(x),  g(x) = softmax(W_g x / temperature)
+    """
+
+    r: int = 8
+    """Rank of the shared low-rank matrix A (and of each head B_i)."""
+    alpha: float = 16.0
+    """Scaling numerator: the adapter output is multiplied by alpha / r."""
+    num_heads: int = 4
+    """Number of B heads (k in the paper). 1 gives plain LoRA (no router)."""
+    target_modules: list[str] | str = field(
+        default_factory=lambda: ["gate_proj", "up_proj", "down_proj"]
+    )
+    """A list of module names (exact, or a dotted suffix) or one regex string (full match)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input, one mask shared by all heads."""
+    router: str = "softmax"
+    """'softmax' (dense, the paper), 'topk' (renormalized over the top_k), 'uniform' (1/k)."""
+    top_k: int = 1
+    """Heads kept per token when router='topk'."""
+    shared_a: bool = True
+    """False gives one A per head (the paper's w/o-Hydra ablation, MoLoRA-style)."""
+    router_input: str = "x"
+    """'x' routes on the layer input (the authors' code); 'a' routes on A x (the paper's text)."""
+    balance_loss_weight: float = 0.0
+    """Weight of the switch-style load-balancing loss (0 in the paper's LLM experiments)."""
+    router_temperature: float = 1.0
+    """Softmax temperature of the router; above 1 flattens the gates, below 1 sharpens them."""
+    init_heads: str = "zero"
+    """'zero': every B_i = 0 (the paper). 'random': A = 0 and distinct random heads B_i."""
+    router_init: str = "kaiming"
+    """'kaiming' (the authors' code) or 'zero' (exactly uniform gates at step 0)."""
+    head_dropout: float = 0.0
+    """Probability of dropping a whole head for a token during training (gates renormalized)."""
+    k_selection: dict[str, Any] | None = None
+    """How num_heads was chosen when it was chosen automatically (written by the trainer)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad key and the accepted values."""
+
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"HydraLoraConfig.{key}={getattr(self, key)!r}: {why}")
+
+        for key in ("r", "num_heads", "top_k"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise bad(key, "must be an integer")
+        if self.r < 1:
+            raise bad("r", "the rank must be >= 1")
+        if self.num_heads < 1:
+            raise bad("num_heads", "the number of heads must be >= 1")
+        if not self.alpha > 0:
+            raise bad("alpha", "alpha must be > 0")
+        if not 0 <= self.dropout < 1:
+            raise bad("dropout", "dropout must be in [0, 1)")
+        if not 0 <= self.head_dropout < 1:
+            raise bad("head_dropout", "head_dropout must be in [0, 1)")
+        if self.router not in ROUTERS:
+            raise bad("router", f"unknown router; choose one of {', '.join(ROUTERS)}")
+        if self.router == "topk" and not 1 <= self.top_k <= self.num_heads:
+            raise bad("top_k", f"top_k must be between 1 and num_heads={self.num_heads}")
+        if self.router_input not in ROUTER_INPUTS:
+            raise bad("router_input", f"unknown router input; choose one of {ROUTER_INPUTS}")
+        if self.init_heads not in HEAD_INITS:
+            raise bad("init_heads", f"unknown head init; choose one of {HEAD_INITS}")
+        if self.router_init not in ROUTER_INITS:
+            raise bad("router_init", f"unknown router init; choose one of {ROUTER_INITS}")
+        if (
+            self.has_router
+            and self.init_heads == "zero"
+            and self.router_init == "zero"
+            and self.head_dropout == 0
+        ):
+            raise bad(
+                "router_init",
+                "with init_heads='zero' a zero router gives every head the same update forever; "
+                "use router_init='kaiming', init_heads='random' or head_dropout > 0",
+            )
+        if self.balance_loss_weight < 0:
+            raise bad("balance_loss_weight", "must be >= 0")
+        if not self.router_temperature > 0:
+            raise bad("router_temperature", "must be > 0")
+        targets = self.target_modules
+        if isinstance(targets, str):
+            try:
+                re.compile(targets)
+            except re.error as err:
+                raise bad("target_modules", f"not a valid regular expression ({err})") from None
+        elif not targets or not all(isinstance(t, str) and t for t in targets):
+            raise bad("target_modules", "give a non-empty list of module names or one regex")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+    @property
+    def has_router(self) -> bool:
+        """A learned router exists only when there is something to route."""
+        return self.num_heads > 1 and self.router != "uniform"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> HydraLoraConfig:
+        """Build a config from a dict; unknown keys are an error that names them and `source`."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names - set(METADATA_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown HydraLoRA config key(s) {unknown}; known keys: {sorted(names)}"
+            )
+        try:
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> HydraLoraConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no such file (is this an adapter directory?)") from None
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}, line {err.lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object of config keys")
+        if data.get("peft_type", "HYDRALORA") != "HYDRALORA":
+            raise ConfigError(
+                f"{path}: peft_type is {data['peft_type']!r}, not 'HYDRALORA'; "
+                "load a PEFT adapter with peft.PeftModel.from_pretrained instead"
+            )
+        return cls.from_dict(data, source=str(path))

@@ -1,0 +1,336 @@
+"""Inject HydraLoRA into a model, take it out again, and move adapters to and from disk.
+
+Files follow PEFT's conventions: `adapter_config.json` (the config plus
+`"peft_type": "HYDRALORA"`, the base model name and our version) and
+`adapter_model.safetensors`, keys `<module path>.lora_A|lora_B|router`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ConfigError, HydraLoraConfig
+from .layer import SUPPORTED_BASE_TYPES, HydraLoraLinear
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_CONFIG_ATTR = "hydralora_config"
+_FROZEN_ATTR = "_hydralora_requires_grad"
+
+
+class AdapterError(RuntimeError):
+    """An adapter does not fit the model, or its files are missing or broken."""
+
+
+def target_matches(name: str, targets: list[str] | str) -> bool:
+    """PEFT's rule: a regex string must match the whole name; a list entry must equal the
+    name or be a dotted suffix of it ("q_proj" matches "model.layers.0.self_attn.q_proj")."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def hydralora_layers(model: nn.Module) -> dict[str, HydraLoraLinear]:
+    """Every HydraLoraLinear in the model by module path."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, HydraLoraLinear)}
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, SUPPORTED_BASE_TYPES)]
+
+
+def _short_list(names: list[str], limit: int = 12) -> str:
+    """Collapse layer indices so a 32-layer model lists each distinct pattern once."""
+    patterns = list(dict.fromkeys(re.sub(r"\.\d+\.", ".N.", n) for n in names))
+    shown = ", ".join(patterns[:limit])
+    return shown + (f", ... ({len(patterns) - limit} more)" if len(patterns) > limit else "")
+
+
+def add_hydralora(model: nn.Module, config: HydraLoraConfig) -> nn.Module:
+    """Wrap every target linear layer of `model` in a HydraLoraLinear, in place; freeze the rest.
+
+    Returns the same model. Raises if the model already has HydraLoRA layers or if no module
+    matches `config.target_modules` (the message lists the linear layers that exist).
+    """
+    if hydralora_layers(model):
+        raise ConfigError(
+            "this model already has HydraLoRA layers; call remove_hydralora(model) first "
+            "(double injection would wrap adapters inside adapters)"
+        )
+    config.validate()
+    targets = config.target_modules
+    matched = [(n, m) for n, m in model.named_modules() if n and target_matches(n, targets)]
+    if not matched:
+        raise ConfigError(
+            f"target_modules={targets!r} matched no module. Linear layers in this model: "
+            f"{_short_list(_linear_names(model))}"
+        )
+    unsupported = [n for n, m in matched if not isinstance(m, SUPPORTED_BASE_TYPES)]
+    if unsupported:
+        raise ConfigError(
+            f"target_modules={targets!r} matched modules that are not linear layers: "
+            f"{_short_list(unsupported)}; target the linear layers inside them instead"
+        )
+    setattr(model, _FROZEN_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module in matched:
+        smallest = min(module.weight.shape)
+        if config.r > smallest:
+            warnings.warn(
+                f"{name}: r={config.r} exceeds the layer's smaller dimension {smallest}; "
+                "the update cannot have more than that rank, the extra rank is wasted",
+                stacklevel=2,
+            )
+        _set_submodule(model, name, HydraLoraLinear(module, config))
+    setattr(model, _CONFIG_ATTR, config)
+    return model
+
+
+def remove_hydralora(model: nn.Module) -> nn.Module:
+    """Put the original modules back (unmerged) and restore every parameter's requires_grad."""
+    layers = hydralora_layers(model)
+    if not layers:
+        raise ConfigError("this model has no HydraLoRA layers to remove")
+    for name, layer in layers.items():
+        if layer.merged:
+            layer.unmerge()
+        _set_submodule(model, name, layer.base)
+    flags = getattr(model, _FROZEN_ATTR, {})
+    for n, p in model.named_parameters():
+        p.requires_grad_(flags.get(n, True))
+    for attr in (_CONFIG_ATTR, _FROZEN_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return model
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def get_config(model: nn.Module) -> HydraLoraConfig:
+    config = getattr(model, _CONFIG_ATTR, None)
+    if config is None:
+        raise ConfigError("this model has no HydraLoRA adapter; call add_hydralora first")
+    return config
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors by on-disk key: `<module path>.lora_A|lora_B|router`."""
+    return {
+        f"{name}.{pname}": p
+        for name, layer in hydralora_layers(model).items()
+        for pname, p in layer.adapter_params().items()
+    }
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """One line like PEFT's print_trainable_parameters."""
+    trainable, total = count_parameters(model)
+    return (
+        f"trainable params: {trainable:,} || all params: {total:,} || "
+        f"trainable%: {100 * trainable / max(total, 1):.4f}"
+    )
+
+
+def balance_loss(model: nn.Module) -> torch.Tensor | None:
+    """Sum over layers of balance_loss_weight * aux_loss from the last training forward."""
+    total = None
+    for layer in hydralora_layers(model).values():
+        if layer.aux_loss is not None:
+            term = layer.config.balance_loss_weight * layer.aux_loss
+            total = term if total is None else total + term
+            layer.aux_loss = None
+    return total
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model computes the base model's output."""
+    layers = list(hydralora_layers(model).values())
+    previous = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, previous):
+            layer.disabled = was
+
+
+def set_token_mask(model: nn.Module, mask: torch.Tensor | None) -> None:
+    """Tell every layer which tokens are real (True) so balance loss and stats skip padding."""
+    for layer in hydralora_layers(model).values():
+        layer.token_mask = mask
+
+
+def _base_model_name(model: nn.Module) -> str | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "name_or_path", None) or None
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, overwrite: bool = True) -> Path:
+    """Write `path/adapter_config.json` and `path/adapter_model.safetensors` atomically.
+
+    The files go to a temporary sibling directory first, which then replaces `path` by renames:
+    an interrupted save leaves the previous adapter in place, never half a new one. With
+    `overwrite=False` an existing adapter at `path` is an error.
+    """
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    config = get_config(model)
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise AdapterError(f"{path}: exists and is not a directory")
+    if not overwrite and (path / CONFIG_NAME).exists():
+        raise AdapterError(
+            f"{path} already holds an adapter; choose another directory or allow overwriting"
+        )
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    meta = config.to_dict()
+    meta.update(
+        peft_type="HYDRALORA",
+        base_model_name_or_path=_base_model_name(model),
+        hydralora_version=__version__,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        for f in tmp.iterdir():
+            _fsync(f)
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move directory `src` to `dst`, replacing `dst`; at every instant one complete copy exists.
+
+    The old `dst` is renamed aside first and removed only after `src` took its place; a
+    failure in between moves it back.
+    """
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    backup = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    shutil.rmtree(backup, ignore_errors=True)
+    os.replace(dst, backup)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        os.replace(backup, dst)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[HydraLoraConfig, dict[str, torch.Tensor]]:
+    """Config and tensors of an adapter directory, with errors that name the broken file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterError(f"{path}: no such adapter directory")
+    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not config_file.exists():
+        raise AdapterError(
+            f"{path}: missing {CONFIG_NAME}; an adapter directory holds {CONFIG_NAME} and "
+            f"{WEIGHTS_NAME} as written by save_adapter"
+        )
+    if not weights_file.exists():
+        raise AdapterError(f"{path}: missing {WEIGHTS_NAME}")
+    config = HydraLoraConfig.from_json_file(config_file)
+    try:
+        tensors = load_file(str(weights_file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterError(
+            f"{weights_file}: not a readable safetensors file ({err}); the file is truncated "
+            "or corrupted: save the adapter again or restore it from a checkpoint"
+        ) from None
+    return config, tensors
+
+
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, is_trainable: bool = False
+) -> nn.Module:
+    """Inject HydraLoRA into `model` from the saved config and load the saved weights.
+
+    Every key and shape is checked and all mismatches are reported at once; on any error the
+    model is given back untouched. Returns the model (in eval mode unless `is_trainable`).
+    """
+    config, tensors = read_adapter(path)
+    saved_base = json.loads((Path(path) / CONFIG_NAME).read_text()).get("base_model_name_or_path")
+    add_hydralora(model, config)
+    try:
+        load_adapter_weights(model, tensors, source=str(Path(path) / WEIGHTS_NAME))
+    except BaseException:
+        remove_hydralora(model)
+        raise
+    current = _base_model_name(model)
+    if saved_base and current and Path(saved_base).name != Path(current).name:
+        warnings.warn(
+            f"{path}: adapter was trained on {saved_base!r}, loading into {current!r}",
+            stacklevel=2,
+        )
+    for p in adapter_state_dict(model).values():
+        p.requires_grad_(is_trainable)
+    if not is_trainable:
+        model.eval()
+    return model
+
+
+def load_adapter_weights(
+    model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "adapter"
+) -> None:
+    """Copy `tensors` into the model's adapter parameters after checking every key and shape."""
+    params = adapter_state_dict(model)
+    problems = []
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:10])}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:10])}")
+    for key in sorted(set(params) & set(tensors)):
+        want, got = tuple(params[key].shape), tuple(tensors[key].shape)
+        if want != got:
+            problems.append(f"{key}: saved shape {got}, model expects {want}")
+    if problems:
+        raise AdapterError(
+            f"{source} does not fit this model ({len(problems)} problem(s)); was it trained on "
+            "another base model or config?\n  " + "\n  ".join(problems)
+        )
+    with torch.no_grad():
+        for key, p in params.items():
+            p.copy_(tensors[key].to(p.dtype))

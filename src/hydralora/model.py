@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -190,11 +189,12 @@ def _base_model_name(model: nn.Module) -> str | None:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, overwrite: bool = True) -> Path:
-    """Write `path/adapter_config.json` and `path/adapter_model.safetensors` atomically.
+    """Write `path/adapter_model.safetensors` and `path/adapter_config.json`.
 
-    The files go to a temporary sibling directory first, which then replaces `path` by renames:
-    an interrupted save leaves the previous adapter in place, never half a new one. With
-    `overwrite=False` an existing adapter at `path` is an error.
+    Each file is written under a temporary name, flushed to disk and then renamed over the old
+    one (weights first, config last), so an interrupted or failed save never leaves a
+    half-written file and keeps the previous adapter. Other files in `path` (checkpoints,
+    logs) are left alone. With `overwrite=False` an existing adapter at `path` is an error.
     """
     from safetensors.torch import save_file
 
@@ -215,43 +215,32 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, overwrite: bool = Tr
         base_model_name_or_path=_base_model_name(model),
         hydralora_version=__version__,
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        for f in tmp.iterdir():
-            _fsync(f)
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    path.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    with atomic_write(path / CONFIG_NAME) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return path
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+@contextlib.contextmanager
+def atomic_write(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; on success fsync it and rename it to `target`.
 
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move directory `src` to `dst`, replacing `dst`; at every instant one complete copy exists.
-
-    The old `dst` is renamed aside first and removed only after `src` took its place; a
-    failure in between moves it back.
+    On any failure the temporary file is removed and `target` is untouched.
     """
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    backup = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    shutil.rmtree(backup, ignore_errors=True)
-    os.replace(dst, backup)
+    target = Path(target)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        os.replace(src, dst)
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
     except BaseException:
-        os.replace(backup, dst)
+        tmp.unlink(missing_ok=True)
         raise
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[HydraLoraConfig, dict[str, torch.Tensor]]:

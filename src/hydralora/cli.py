@@ -1,0 +1,212 @@
+"""The `hydralora` command line: train, generate, data, info, demo.
+
+Errors that come from the user's input (data, config, adapter, model) print one clear message
+and exit with status 2, without a traceback unless --debug is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, HydraLoraConfig
+from .options import (
+    add_dataclass_flags,
+    known_fields,
+    normalize_targets,
+    read_yaml_config,
+    split_fields,
+)
+
+ADAPTER_SKIP = ("k_selection",)
+
+
+def int_or_auto(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {value!r}") from None
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from .data import DataError
+    from .mixtures import MixtureError
+    from .model import AdapterError
+    from .models import ModelLoadError
+    from .train import TrainingError
+
+    return (ConfigError, DataError, AdapterError, ModelLoadError, TrainingError, MixtureError,
+            FileNotFoundError)
+
+
+# ---------------------------------------------------------------------------- train
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    from .train import TrainConfig
+
+    p = sub.add_parser("train", help="fine-tune a model with HydraLoRA (or a LoRA baseline)")
+    p.add_argument("--config", help="YAML file of options (flags given here win)")
+    add_dataclass_flags(p, TrainConfig, skip=("adapter",))
+    add_dataclass_flags(p, HydraLoraConfig, skip=ADAPTER_SKIP, types_override={"num_heads": int_or_auto})
+    p.set_defaults(func=cmd_train)
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from .train import TrainConfig
+
+    known = known_fields(TrainConfig, HydraLoraConfig) - {"adapter", *ADAPTER_SKIP}
+    values: dict[str, Any] = {}
+    given = {k: v for k, v in vars(args).items() if k in known}
+    output = given.get("output")
+    if given.get("resume") and output and (Path(output) / "train_config.yaml").exists():
+        values.update(read_yaml_config(Path(output) / "train_config.yaml", known))
+    if args.config:
+        values.update(read_yaml_config(args.config, known))
+    values.update(given)
+    if "target_modules" in values:
+        values["target_modules"] = normalize_targets(values["target_modules"])
+    if isinstance(values.get("bf16"), bool):
+        values["bf16"] = str(values["bf16"]).lower()
+    run, adapter = split_fields(values, TrainConfig, HydraLoraConfig)
+    num_heads = adapter.get("num_heads")
+    if num_heads != "auto":  # validate adapter settings before any slow work
+        HydraLoraConfig(**adapter)
+    elif run.get("method", "hydralora") != "hydralora":
+        raise ConfigError("--num-heads auto applies to --method hydralora only")
+    return TrainConfig(**run, adapter=adapter)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    train(train_config_from_args(args))
+    return 0
+
+
+# ---------------------------------------------------------------------------- generate
+def add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="answer prompts with a base model and an optional adapter")
+    p.add_argument("--model", default="smollm2-135m", help="base model (default: smollm2-135m)")
+    p.add_argument("--adapter", help="adapter directory (HydraLoRA or PEFT LoRA)")
+    p.add_argument("--prompt", nargs="+", required=True, help="one or more prompts")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--dtype", default="float32")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generation import generate
+    from .models import load_model_with_adapter
+
+    model, tokenizer = load_model_with_adapter(args.model, args.adapter, dtype=args.dtype)
+    conversations = [[{"role": "user", "content": p}] for p in args.prompt]
+    answers = generate(model, tokenizer, conversations, max_new_tokens=args.max_new_tokens,
+                       do_sample=args.sample, temperature=args.temperature)
+    for prompt, answer in zip(args.prompt, answers):
+        if len(args.prompt) > 1:
+            print(f"### {prompt}")
+        print(answer)
+    return 0
+
+
+# ---------------------------------------------------------------------------- data, info
+def add_data_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="data utilities")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    b = dsub.add_parser("builtin", help="write the built-in mixture as train.jsonl and test.jsonl")
+    b.add_argument("--output", required=True, help="directory to write into")
+    b.add_argument("--train-per-domain", type=int, default=200)
+    b.add_argument("--test-per-domain", type=int, default=40)
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=cmd_data_builtin)
+
+
+def cmd_data_builtin(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from .data import load_examples
+    from .mixtures import write_builtin
+
+    paths = write_builtin(args.output, train_per_domain=args.train_per_domain,
+                          test_per_domain=args.test_per_domain, seed=args.seed)
+    for path in paths:
+        counts = Counter(e.domain for e in load_examples([path]))
+        print(f"{path}: {sum(counts.values())} records ({', '.join(f'{d} {n}' for d, n in sorted(counts.items()))})")
+    return 0
+
+
+def add_info_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="summarize an adapter directory")
+    p.add_argument("adapter", help="adapter directory")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .info import adapter_info, format_info
+
+    info = adapter_info(args.adapter)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+# ---------------------------------------------------------------------------- demo
+def add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="a short real fine-tune of SmolLM2 on the built-in mixture")
+    p.add_argument("--output", default="runs/demo", help="run directory (default: runs/demo)")
+    p.add_argument("--max-steps", type=int, default=48)
+    p.add_argument("--method", default="hydralora", choices=["hydralora", "lora"])
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output, max_steps=args.max_steps, method=args.method)
+    return 0
+
+
+# ---------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hydralora",
+        description="HydraLoRA fine-tuning: a shared A, k B heads and a per-token router.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (add_train_parser, add_generate_parser, add_data_parser, add_info_parser,
+                add_demo_parser):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except user_errors() as err:
+        if debug:
+            raise
+        message = str(err).strip()
+        if isinstance(err, FileNotFoundError) and err.filename:
+            message = f"{err.filename}: no such file or directory"
+        print(f"error: {message}", file=sys.stderr)
+        from .train import TrainingInterrupted
+
+        return 130 if isinstance(err, TrainingInterrupted) else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""Local instruction data -> examples -> token ids with labels on the response only.
+
+Accepted files: JSONL (read line by line, so errors name the line), JSON, CSV and Parquet
+(through `datasets`). Accepted record shapes, detected per file from its first record:
+
+    {"instruction": ..., "input": ..., "output": ...}          Alpaca (input optional)
+    {"prompt": ..., "completion": ...}                           prompt / completion
+    {"messages": [{"role": ..., "content": ...}, ...]}         chat, ends with the assistant
+
+An optional "domain" (or "task") field is kept for per-domain evaluation and analysis; training
+never needs it. Other fields (e.g. "answer", "label", "test", "metric") travel along in `meta`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+SHAPES = {
+    "alpaca": ("instruction", "output"),
+    "prompt-completion": ("prompt", "completion"),
+    "chat": ("messages",),
+}
+ROLES = ("system", "user", "assistant")
+PLAIN_ROLE_HEADERS = {"system": "### System:\n", "user": "### Instruction:\n", "assistant": "### Response:\n"}
+
+
+class DataError(ValueError):
+    """Bad training data; the message names the file, the line (or row) and the fix."""
+
+
+@dataclass
+class Example:
+    """One conversation whose assistant turns are learned; the last one is the reference answer."""
+
+    messages: list[dict[str, str]]
+    domain: str | None = None
+    source: str = ""  # "file:line", for messages
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prompt_messages(self) -> list[dict[str, str]]:
+        return self.messages[:-1]
+
+    @property
+    def response(self) -> str:
+        return self.messages[-1]["content"]
+
+    @property
+    def instruction(self) -> str:
+        """The last user turn: the text that clustering and routing look at."""
+        users = [m["content"] for m in self.messages if m["role"] == "user"]
+        return users[-1] if users else self.messages[0]["content"]
+
+
+# ---------------------------------------------------------------------------- reading files
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"line {line_no}", json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(
+                    f"{path}, line {line_no}: not valid JSON ({err.msg} at column {err.colno}); "
+                    "each line of a .jsonl file must be one JSON object"
+                ) from None
+
+
+def _iter_with_datasets(path: Path, kind: str) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        table = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as err:  # datasets raises many types; all mean "cannot read this file"
+        raise DataError(f"{path}: could not read it as {kind.upper()} ({err})") from None
+    offset = 2 if kind == "csv" else 1  # CSV: line 1 is the header
+    where = "line" if kind == "csv" else "record"
+    for i, record in enumerate(table):
+        yield f"{where} {i + offset}", record
+
+
+def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """Yield (location, record) for every record of a data file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    kind = SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(
+            f"{path}: unknown file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}"
+        )
+    if kind == "jsonl":
+        yield from _iter_jsonl(path)
+    else:
+        yield from _iter_with_datasets(path, kind)
+
+
+def detect_shape(record: Any) -> str | None:
+    if not isinstance(record, dict):
+        return None
+    for shape, keys in SHAPES.items():
+        if all(k in record and record[k] is not None for k in keys):
+            return shape
+    return None
+
+
+def _require_text(record: dict, key: str, where: str, allow_empty: bool = False) -> str:
+    value = record.get(key)
+    if not isinstance(value, str):
+        got = "missing" if value is None else f"a {type(value).__name__}"
+        raise DataError(f"{where}: field {key!r} must be a string, it is {got}")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{where}: field {key!r} is empty")
+    return value
+
+
+def record_to_example(record: Any, shape: str, where: str) -> Example:
+    """Validate one record of the file's shape and turn it into an Example."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if detect_shape(record) != shape:
+        keys = ", ".join(sorted(record)) or "none"
+        raise DataError(
+            f"{where}: this file's records have the {shape} shape (fields "
+            f"{' + '.join(SHAPES[shape])}), but this record has the fields: {keys}"
+        )
+    if shape == "alpaca":
+        instruction = _require_text(record, "instruction", where)
+        extra = record.get("input") or ""
+        if not isinstance(extra, str):
+            raise DataError(f"{where}: field 'input' must be a string")
+        user = instruction + (f"\n\n{extra}" if extra.strip() else "")
+        messages = [{"role": "user", "content": user}]
+        messages.append({"role": "assistant", "content": _require_text(record, "output", where)})
+        used = {"instruction", "input", "output"}
+    elif shape == "prompt-completion":
+        messages = [
+            {"role": "user", "content": _require_text(record, "prompt", where)},
+            {"role": "assistant", "content": _require_text(record, "completion", where)},
+        ]
+        used = {"prompt", "completion"}
+    else:
+        messages = _check_messages(record["messages"], where)
+        used = {"messages"}
+    domain = record.get("domain", record.get("task"))
+    if domain is not None and not isinstance(domain, str):
+        raise DataError(f"{where}: field 'domain' must be a string")
+    meta = {k: v for k, v in record.items() if k not in used | {"domain", "task"}}
+    return Example(messages=messages, domain=domain, source=where, meta=meta)
+
+
+def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise DataError(
+                f"{where}: messages[{i}] needs a 'role' of {', '.join(ROLES)}, got {m!r:.80}"
+            )
+        _require_text(m, "content", f"{where}: messages[{i}]", allow_empty=m["role"] == "system")
+        clean.append({"role": m["role"], "content": m["content"]})
+    if clean[-1]["role"] != "assistant":
+        raise DataError(
+            f"{where}: the last message must be the assistant's answer to learn, it is "
+            f"{clean[-1]['role']!r}"
+        )
+    if len(clean) < 2:
+        raise DataError(f"{where}: 'messages' needs at least one turn before the assistant's")
+    return clean
+
+
+def load_examples(paths: Iterable[str | Path]) -> list[Example]:
+    """Read and validate every record of every file before any training starts."""
+    examples: list[Example] = []
+    for path in paths:
+        shape = None
+        count = 0
+        for location, record in read_records(path):
+            where = f"{path}, {location}"
+            if shape is None:
+                shape = detect_shape(record)
+                if shape is None:
+                    keys = ", ".join(sorted(record)) if isinstance(record, dict) else "not an object"
+                    raise DataError(
+                        f"{where}: unrecognized record (fields: {keys}); expected "
+                        "instruction/input/output, prompt/completion or messages"
+                    )
+            examples.append(record_to_example(record, shape, where))
+            count += 1
+        if count == 0:
+            raise DataError(f"{path}: the file holds no records")
+    if not examples:
+        raise DataError("no data files given")
+    return examples
+
+
+# ---------------------------------------------------------------------------- templates
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_prompt(messages: list[dict[str, str]], tokenizer) -> str:
+    """The text a model continues to answer `messages` (the chat template's generation prompt)."""
+    if has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = "".join(f"{PLAIN_ROLE_HEADERS[m['role']]}{m['content']}\n\n" for m in messages)
+    return text + PLAIN_ROLE_HEADERS["assistant"]
+
+
+def _segments(messages: list[dict[str, str]], tokenizer) -> list[tuple[str, bool]]:
+    """Split a conversation's text into (piece, is_learned) with every assistant turn learned."""
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = render_prompt(messages[:i], tokenizer)
+        if has_chat_template(tokenizer):
+            full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        else:
+            full = prefix + m["content"] + (tokenizer.eos_token or "") + "\n\n"
+        if not (prefix.startswith(done) and full.startswith(prefix)):
+            raise DataError(
+                "the tokenizer's chat template does not render conversations as growing "
+                "prefixes; cannot mark the response tokens"
+            )
+        segments.append((prefix[len(done) :], False))
+        segments.append((full[len(prefix) :], True))
+        done = full
+    return segments
+
+
+def _bos(tokenizer) -> list[int]:
+    bos = tokenizer.bos_token_id
+    if bos is None or has_chat_template(tokenizer):
+        return []
+    probe = tokenizer("a").input_ids
+    return [bos] if probe and probe[0] == bos else []
+
+
+def tokenize_example(example: Example, tokenizer, max_length: int) -> dict[str, Any]:
+    """input_ids and labels (-100 outside the assistant turns), truncated to max_length."""
+    bos = _bos(tokenizer)
+    ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
+    for text, learned in _segments(example.messages, tokenizer):
+        piece = tokenizer(text, add_special_tokens=False).input_ids
+        ids.extend(piece)
+        labels.extend(piece if learned else [IGNORE_INDEX] * len(piece))
+    truncated = len(ids) > max_length
+    ids, labels = ids[:max_length], labels[:max_length]
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "truncated": truncated,
+        "domain": example.domain,
+        "source": example.source,
+    }
+
+
+@dataclass
+class TokenizeReport:
+    examples: int
+    truncated: int
+    dropped: list[str]  # sources of examples whose response was cut away entirely
+    tokens: int
+    domains: dict[str, int]
+
+    def line(self) -> str:
+        doms = ", ".join(f"{d}: {n}" for d, n in sorted(self.domains.items()))
+        return (
+            f"{self.examples} examples ({doms}), {self.tokens:,} tokens, "
+            f"{self.truncated} truncated, {len(self.dropped)} dropped"
+        )
+
+
+def tokenize_examples(
+    examples: list[Example], tokenizer, max_length: int, skip_overlong: bool = False
+) -> tuple[list[dict[str, Any]], TokenizeReport]:
+    """Tokenize all examples. An example whose response is truncated away entirely is an error
+    (naming them) unless `skip_overlong`, which drops them with a warning."""
+    if max_length < 2:
+        raise DataError(f"max_length={max_length} is too small")
+    features, overlong = [], []
+    truncated = 0
+    for ex in examples:
+        feat = tokenize_example(ex, tokenizer, max_length)
+        truncated += feat["truncated"]
+        if all(label == IGNORE_INDEX for label in feat["labels"]):
+            overlong.append(ex.source)
+            continue
+        features.append(feat)
+    if overlong and not skip_overlong:
+        shown = "; ".join(overlong[:5]) + (f"; and {len(overlong) - 5} more" if len(overlong) > 5 else "")
+        raise DataError(
+            f"{len(overlong)} example(s) have prompts of {max_length} tokens or more, so their "
+            f"response is truncated away entirely: {shown}. Raise --max-length, shorten those "
+            "prompts, or pass --skip-overlong to drop them."
+        )
+    if not features:
+        raise DataError("no examples left to train on")
+    report = TokenizeReport(
+        examples=len(features),
+        truncated=truncated,
+        dropped=overlong,
+        tokens=sum(len(f["input_ids"]) for f in features),
+        domains=dict(Counter(f["domain"] or "all" for f in features)),
+    )
+    return features, report
+
+
+class TokenizedDataset(torch.utils.data.Dataset):
+    def __init__(self, features: list[dict[str, Any]]):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.features[i]
+
+
+@dataclass
+class Collator:
+    """Right-pads a batch; labels are -100 on padding."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = 8
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in batch)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            longest = (longest + m - 1) // m * m
+        ids = torch.full((len(batch), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for i, f in enumerate(batch):
+            n = len(f["input_ids"])
+            ids[i, :n] = torch.tensor(f["input_ids"])
+            labels[i, :n] = torch.tensor(f["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}

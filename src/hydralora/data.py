@@ -76,12 +76,24 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
                 ) from None
 
 
+def _csv_string_features(path: Path):
+    import csv
+
+    import datasets
+
+    with open(path, newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    return datasets.Features({name: datasets.Value("string") for name in header})
+
+
 def _iter_with_datasets(path: Path, kind: str) -> Iterator[tuple[str, Any]]:
     import datasets
 
     datasets.disable_progress_bars()
     try:
-        table = datasets.load_dataset(kind, data_files=str(path), split="train")
+        # CSV cells are text: keep "5" a string instead of letting pandas make it an int
+        extra = {"features": _csv_string_features(path)} if kind == "csv" else {}
+        table = datasets.load_dataset(kind, data_files=str(path), split="train", **extra)
     except Exception as err:  # datasets raises many types; all mean "cannot read this file"
         raise DataError(f"{path}: could not read it as {kind.upper()} ({err})") from None
     offset = 2 if kind == "csv" else 1  # CSV: line 1 is the header

@@ -14,19 +14,19 @@ DEMO_SETTINGS = {
     "data": ["builtin"],
     "eval_data": ["builtin"],
     "builtin_train_per_domain": 100,
-    "builtin_test_per_domain": 16,
+    "builtin_test_per_domain": 10,
     "batch_size": 8,
-    "max_length": 320,
+    "max_length": 256,
     "lr": 1e-3,
     "warmup_ratio": 0.05,
-    "logging_steps": 8,
+    "logging_steps": 4,
     "save_steps": 0,
     "overwrite": True,
     "skip_overlong": True,
 }
 
 
-def run_demo(output: str | Path = "runs/demo", max_steps: int = 48, method: str = "hydralora") -> dict:
+def run_demo(output: str | Path = "runs/demo", max_steps: int = 12, method: str = "hydralora") -> dict:
     cfg = TrainConfig(**DEMO_SETTINGS, output=str(output), max_steps=max_steps, method=method)
     summary = train(cfg)
     print("\nHeld-out loss per domain (mean cross-entropy per response token, lower is better):")

@@ -63,6 +63,7 @@ def add_dataclass_flags(
     cls: type,
     skip: tuple[str, ...] = (),
     types_override: dict[str, Any] | None = None,
+    aliases: dict[str, list[str]] | None = None,
 ) -> None:
     """Add one flag per field; defaults are SUPPRESSed so only flags given show up."""
     hints = typing.get_type_hints(cls)
@@ -88,7 +89,7 @@ def add_dataclass_flags(
             kwargs["nargs"] = "+"
         else:
             kwargs["type"] = {"int": int, "float": float, "str": str}[kind]
-        group.add_argument(flag, **kwargs)
+        group.add_argument(flag, *(aliases or {}).get(f.name, []), **kwargs)
 
 
 def normalize_targets(value: Any) -> Any:

@@ -315,6 +315,23 @@ def log(message: str) -> None:
         print(f"[hydralora] {message}", flush=True)
 
 
+def rank_fingerprints(model: nn.Module) -> list[str]:
+    """A hash of the trainable weights from every process (DDP keeps them identical)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            digest.update(name.encode())
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+    mine = digest.hexdigest()[:16]
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [mine]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, mine)
+    return gathered
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -510,6 +527,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise TrainingInterrupted(interrupt.interrupted_at, ckpt)
 
     bare = trainer.accelerator.unwrap_model(trainer.model)
+    fingerprints = rank_fingerprints(bare)
     stats = collect_router_stats(bare) if hydralora_layers(bare) else {}
     if is_main_process():
         if cfg.method == "hydralora":
@@ -547,6 +565,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "k_selection": k_selection,
         "diversity": diversity_report(bare, stats) if hydralora_layers(bare) else {},
         "eval": results,
+        "rank_fingerprints": fingerprints,
         "wall_seconds": round(time.time() - started, 1),
     }
     if is_main_process():

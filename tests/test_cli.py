@@ -1,0 +1,143 @@
+"""The command line end to end on a tiny random Llama saved to disk: train, resume, generate, info."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import save_tiny_model, tiny_records, write_jsonl
+from hydralora.cli import main
+
+
+def train_args(model_dir, data, out, *extra):
+    return ["train", "--model", str(model_dir), "--data", str(data), "--output", str(out),
+            "--max-steps", "6", "--batch-size", "4", "--lr", "5e-3", "--logging-steps", "2",
+            "--save-steps", "3", "--r", "4", "--num-heads", "3", "--seed", "1",
+            "--target-modules", "q_proj", "v_proj", "up_proj", *extra]
+
+
+def adapter_tensors(path):
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def test_train_writes_adapter_summary_and_config(tiny_model_dir, tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, tiny_data, out)) == 0
+    printed = capsys.readouterr().out
+    assert "== HydraLoRA r=4, k=3 on" in printed and "tokens/s" in printed and "final loss" in printed
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["num_heads"] == 3
+    log = [e for e in json.loads((out / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert "head_cos_sim" in log[-1] and "gate_entropy" in log[-1]
+    # checkpoints hold the adapter and the optimizer state, not the base model
+    ckpt = out / "checkpoints" / "checkpoint-3"
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", ".complete"} <= names
+    assert not names & {"model.safetensors", "pytorch_model.bin"}
+    # info
+    assert main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "heads=3" in info and "head similarity" in info and "training: 6 steps" in info
+    # generate
+    assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(out),
+                 "--prompt", "What is 2 plus three?", "Write a headline.", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.count("### ") == 2
+
+
+def test_resume_matches_uninterrupted_run(tiny_model_dir, tiny_data, tmp_path):
+    straight = tmp_path / "straight"
+    assert main(train_args(tiny_model_dir, tiny_data, straight)) == 0
+    crashed = tmp_path / "crashed"
+    assert main(train_args(tiny_model_dir, tiny_data, crashed)) == 0
+    # simulate a crash right after the step-3 checkpoint: no final adapter, no later checkpoint
+    for name in ("adapter_model.safetensors", "adapter_config.json", "summary.json"):
+        (crashed / name).unlink()
+    shutil.rmtree(crashed / "checkpoints" / "checkpoint-6")
+    # a half-written checkpoint (no completion marker) must be ignored
+    (crashed / "checkpoints" / "checkpoint-5").mkdir()
+    assert main(["train", "--output", str(crashed), "--resume"]) == 0
+    a, b = adapter_tensors(straight), adapter_tensors(crashed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] == b[key]).all(), key
+
+
+def test_refuses_to_overwrite_without_flag(tiny_model_dir, tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, tiny_data, out)) == 0
+    before = (out / "adapter_model.safetensors").read_bytes()
+    assert main(train_args(tiny_model_dir, tiny_data, out)) == 2
+    assert "already holds an adapter" in capsys.readouterr().err
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+    assert main(train_args(tiny_model_dir, tiny_data, out, "--overwrite", "--seed", "2")) == 0
+    assert (out / "adapter_model.safetensors").read_bytes() != before
+
+
+def test_lora_baseline_in_peft_format(tiny_model_dir, tiny_data, tmp_path, capsys):
+    out = tmp_path / "lora"
+    assert main(train_args(tiny_model_dir, tiny_data, out, "--method", "lora", "--num-heads", "1")) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    assert "LoRA r=4 (PEFT)" in capsys.readouterr().out
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
+    assert any("lora_B" in n for n, _ in peft_model.named_parameters())
+    assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(out),
+                 "--prompt", "hi", "--max-new-tokens", "3"]) == 0
+
+
+def test_yaml_config_and_flag_precedence(tiny_model_dir, tiny_data, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {tiny_model_dir}\ndata: [{tiny_data}]\nmax-steps: 2\nr: 2\n"
+                   "num_heads: 2\ntarget_modules: [q_proj]\nsave_steps: 0\n")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--output", str(out), "--r", "3"]) == 0
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["r"] == 3 and saved["num_heads"] == 2 and saved["target_modules"] == ["q_proj"]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+def test_plain_template_model(tmp_path, tiny_data):
+    model_dir = save_tiny_model(tmp_path / "plain", chat_template=False)
+    out = tmp_path / "run"
+    assert main(train_args(model_dir, tiny_data, out, "--max-steps", "2")) == 0
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--num-heads", "0"], "num_heads=0: the number of heads must be >= 1"),
+        (["--router", "sparse"], "unknown router"),
+        (["--target-modules", "c_attn"], "matched no module"),
+        (["--method", "adalora"], "--method 'adalora'"),
+    ],
+)
+def test_bad_options_exit_cleanly(tiny_model_dir, tiny_data, tmp_path, capsys, extra, message):
+    assert main(train_args(tiny_model_dir, tiny_data, tmp_path / "run", *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "adapter_config.json").exists()
+
+
+def test_bad_data_exits_before_training(tiny_model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    lines = [json.dumps(r) for r in tiny_records(6)] + ['{"prompt": "x"']
+    bad.write_text("\n".join(lines) + "\n")
+    assert main(train_args(tiny_model_dir, bad, tmp_path / "run")) == 2
+    assert "bad.jsonl, line 7: not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_builtin_command(tmp_path, capsys):
+    assert main(["data", "builtin", "--output", str(tmp_path), "--train-per-domain", "5",
+                 "--test-per-domain", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "train.jsonl: 20 records (code 5, headline 5, math 5, topic 5)" in out
+    assert len((tmp_path / "test.jsonl").read_text().splitlines()) == 8

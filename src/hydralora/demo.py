@@ -7,14 +7,14 @@ import json
 from pathlib import Path
 
 from .evaluate import loss_table
-from .train import TrainConfig, train
+from .train import TrainConfig, run_training
 
 DEMO_SETTINGS = {
     "model": "smollm2-135m",
     "data": ["builtin"],
     "eval_data": ["builtin"],
     "builtin_train_per_domain": 100,
-    "builtin_test_per_domain": 10,
+    "builtin_test_per_domain": 8,
     "batch_size": 8,
     "max_length": 256,
     "lr": 1e-3,
@@ -26,30 +26,28 @@ DEMO_SETTINGS = {
 }
 
 
-def run_demo(output: str | Path = "runs/demo", max_steps: int = 12, method: str = "hydralora") -> dict:
+def run_demo(output: str | Path = "runs/demo", max_steps: int = 8, method: str = "hydralora") -> dict:
     cfg = TrainConfig(**DEMO_SETTINGS, output=str(output), max_steps=max_steps, method=method)
-    summary = train(cfg)
+    summary, model, tokenizer = run_training(cfg)
     print("\nHeld-out loss per domain (mean cross-entropy per response token, lower is better):")
     print(loss_table({"base model": summary["eval"]["base"],
                       summary["variant"]: summary["eval"]["fine-tuned"]}))
-    print_samples(cfg)
+    print_samples(cfg, model, tokenizer)
     return summary
 
 
-def print_samples(cfg: TrainConfig) -> None:
+def print_samples(cfg: TrainConfig, model, tokenizer) -> None:
     """Generate one answer per domain of the held-out split with the trained adapter."""
     from .data import load_examples
     from .generation import generate
-    from .models import load_model_with_adapter
 
     test = load_examples([Path(cfg.output) / "data" / "test.jsonl"])
     first: dict[str, object] = {}
     for ex in test:
         first.setdefault(ex.domain, ex)
     examples = list(first.values())
-    model, tokenizer = load_model_with_adapter(cfg.model, cfg.output)
-    answers = generate(model, tokenizer, [ex.prompt_messages for ex in examples], max_new_tokens=64)
-    print("\nOne held-out example per domain (greedy, 64 new tokens at most):")
+    answers = generate(model, tokenizer, [ex.prompt_messages for ex in examples], max_new_tokens=48)
+    print("\nOne held-out example per domain (greedy, 48 new tokens at most):")
     for ex, answer in zip(examples, answers):
         prompt = ex.prompt_messages[-1]["content"]
         print(f"\n--- {ex.domain} ---")

@@ -430,6 +430,11 @@ def write_yaml(path: Path, values: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------- entry
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run one fine-tune and return its summary (also written to OUTPUT/summary.json)."""
+    return run_training(cfg)[0]
+
+
+def run_training(cfg: TrainConfig) -> tuple[dict[str, Any], nn.Module, Any]:
+    """Run one fine-tune; returns (summary, trained model, tokenizer)."""
     from transformers import TrainingArguments, set_seed
 
     from .models import load_model
@@ -443,6 +448,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     eval_examples = load_examples(eval_files) if eval_files else []
 
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    log(f"loaded {cfg.model} ({time.time() - started:.0f} s)")
     features, report = tokenize_examples(examples, tokenizer, cfg.max_length, cfg.skip_overlong)
     log(f"data: {report.line()}")
     eval_features = []
@@ -465,7 +471,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     results: dict[str, Any] = {}
     if eval_features and is_main_process():
         model.to(device)
+        t0 = time.time()
         results["base"] = domain_losses(model, eval_features, tokenizer.pad_token_id, bf16=use_bf16)
+        log(f"base model held-out loss {results['base']['mean']['loss']:.4f} ({time.time() - t0:.0f} s)")
     model = build_model(cfg, adapter, model)
     trainable, total = count_parameters(model)
     variant = variant_name(cfg, adapter)
@@ -572,7 +580,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         with atomic_write(output / "summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
         print(format_summary(summary, output), flush=True)
-    return summary
+    return summary, bare, tokenizer
 
 
 class TrainingInterrupted(TrainingError):

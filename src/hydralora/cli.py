@@ -162,7 +162,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="a short real fine-tune of SmolLM2 on the built-in mixture")
     p.add_argument("--output", default="runs/demo", help="run directory (default: runs/demo)")
-    p.add_argument("--max-steps", type=int, default=8)
+    p.add_argument("--max-steps", type=int, default=6)
     p.add_argument("--method", default="hydralora", choices=["hydralora", "lora"])
     p.set_defaults(func=cmd_demo)
 

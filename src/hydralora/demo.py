@@ -26,7 +26,7 @@ DEMO_SETTINGS = {
 }
 
 
-def run_demo(output: str | Path = "runs/demo", max_steps: int = 8, method: str = "hydralora") -> dict:
+def run_demo(output: str | Path = "runs/demo", max_steps: int = 6, method: str = "hydralora") -> dict:
     cfg = TrainConfig(**DEMO_SETTINGS, output=str(output), max_steps=max_steps, method=method)
     summary, model, tokenizer = run_training(cfg)
     print("\nHeld-out loss per domain (mean cross-entropy per response token, lower is better):")

@@ -39,3 +39,23 @@ def test_hydralora_on_smollm2_starts_at_base(smollm2):
         after = model(ids).logits
     remove_hydralora(model)
     assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("method", ["hydralora", "lora-split"])
+def test_cli_trains_and_generates_on_smollm2(tmp_path, capsys, method):
+    from hydralora.cli import main
+
+    out = tmp_path / method
+    extra = ["--num-heads", "auto"] if method == "lora-split" else ["--num-heads", "4"]
+    assert main(["train", "--model", "smollm2-135m", "--data", "builtin", "--output", str(out),
+                 "--builtin-train-per-domain", "30", "--builtin-test-per-domain", "2",
+                 "--method", method, "--max-steps", "4", "--batch-size", "2", "--max-length", "160",
+                 "--skip-overlong", "--save-steps", "0", "--lr", "1e-3", *extra]) == 0
+    assert main(["generate", "--model", "smollm2-135m", "--adapter", str(out), "--prompt",
+                 "What is 3 times 4?", "Write a headline for this BBC News article.\n\nShares rose.",
+                 "--max-new-tokens", "8"]) == 0
+    assert main(["info", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("### ") == 2
+    if method == "lora-split":
+        assert "LoRA-Split, 4 PEFT LoRA adapters" in printed  # auto k found the 4 domains

@@ -40,8 +40,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .models import ModelLoadError
     from .train import TrainingError
 
+    from .clustering import ClusterModelError
+
     return (ConfigError, DataError, AdapterError, ModelLoadError, TrainingError, MixtureError,
-            FileNotFoundError)
+            ClusterModelError, FileNotFoundError)
 
 
 # ---------------------------------------------------------------------------- train
@@ -77,8 +79,8 @@ def train_config_from_args(args: argparse.Namespace):
     num_heads = adapter.get("num_heads")
     if num_heads != "auto":  # validate adapter settings before any slow work
         HydraLoraConfig(**adapter)
-    elif run.get("method", "hydralora") != "hydralora":
-        raise ConfigError("--num-heads auto applies to --method hydralora only")
+    elif run.get("method", "hydralora") == "lora":
+        raise ConfigError("--num-heads auto applies to --method hydralora and lora-split only")
     return TrainConfig(**run, adapter=adapter)
 
 
@@ -106,10 +108,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .generation import generate
     from .models import load_model_with_adapter
 
-    model, tokenizer = load_model_with_adapter(args.model, args.adapter, dtype=args.dtype)
+    model, tokenizer, router = load_model_with_adapter(args.model, args.adapter, dtype=args.dtype,
+                                                       with_router=True)
     conversations = [[{"role": "user", "content": p}] for p in args.prompt]
+    names = router.route(args.prompt) if router else None
     answers = generate(model, tokenizer, conversations, max_new_tokens=args.max_new_tokens,
-                       do_sample=args.sample, temperature=args.temperature)
+                       do_sample=args.sample, temperature=args.temperature, adapter_names=names)
     for prompt, answer in zip(args.prompt, answers):
         if len(args.prompt) > 1:
             print(f"### {prompt}")
@@ -158,6 +162,72 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- cluster
+def add_cluster_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cluster", help="choose k: TF-IDF (or embeddings) + k-means + elbow")
+    p.add_argument("--data", nargs="+", required=True, help="data files, or 'builtin'")
+    p.add_argument("--output", required=True, help="directory for clusters.json, labels, plot")
+    p.add_argument("--k-max", type=int, default=10)
+    p.add_argument("--features", choices=["tfidf", "embeddings"], default="tfidf")
+    p.add_argument("--model", default="smollm2-135m", help="model for --features embeddings")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_cluster)
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from .clustering import ClusterModel, choose_k, domain_cluster_table, plot_sse, purity
+    from .data import load_examples
+    from .model import atomic_write
+
+    out = Path(args.output)
+    files = args.data
+    if "builtin" in files:
+        from .mixtures import write_builtin
+
+        train_file, _ = write_builtin(out / "data")
+        files = [str(train_file) if f == "builtin" else f for f in files]
+    examples = load_examples(files)
+    texts = [e.instruction for e in examples]
+    if args.k_max > len(texts):
+        raise ConfigError(
+            f"--k-max {args.k_max} is more clusters than the {len(texts)} examples; "
+            f"pass --k-max {len(texts)} or less"
+        )
+    if args.features == "embeddings":
+        from .clustering import embedding_features
+        from .models import load_model
+
+        model, tokenizer = load_model(args.model)
+        features = embedding_features(texts, model, tokenizer)
+    else:
+        features = texts
+    selection = choose_k(features, k_max=args.k_max, seed=args.seed)
+    result = {**selection.to_dict(), "features": args.features, "examples": len(texts)}
+    domains = [e.domain for e in examples]
+    has_domains = all(d is not None for d in domains)
+    if has_domains:
+        result["purity"] = purity(selection.labels, domains)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / "clusters.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    with atomic_write(out / "labels.jsonl") as tmp:
+        with open(tmp, "w") as f:
+            for e, label in zip(examples, selection.labels):
+                f.write(json.dumps({"source": e.source, "domain": e.domain, "cluster": label}) + "\n")
+    plot_sse(selection, out / "sse.png")
+    if args.features == "tfidf":
+        ClusterModel.fit(texts, selection.k, seed=args.seed).save(out)
+    print(f"k = {selection.k}  ({selection.method})")
+    print("k:          " + " ".join(f"{k:>7d}" for k in selection.k_values))
+    print("SSE:        " + " ".join(f"{v:7.1f}" for v in selection.sse))
+    print("silhouette: " + " ".join("      -" if v is None else f"{v:7.3f}" for v in selection.silhouette))
+    if has_domains:
+        print(f"purity against the 'domain' field: {result['purity']:.3f}")
+        print(domain_cluster_table(selection.labels, domains))
+    print(f"wrote {out / 'clusters.json'}, {out / 'labels.jsonl'}, {out / 'sse.png'}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- demo
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="a short real fine-tune of SmolLM2 on the built-in mixture")
@@ -183,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_train_parser, add_generate_parser, add_data_parser, add_info_parser,
-                add_demo_parser):
+                add_cluster_parser, add_demo_parser):
         add(sub)
     return parser
 

@@ -525,3 +525,9 @@ def plot_sse(selection: KSelection, path: str | os.PathLike) -> None:
     ax.set_title("k-means elbow")
     fig.tight_layout()
     fig.savefig(os.fspath(path), format="png")
+
+
+def select_num_heads(texts: Sequence[str], k_max: int = 10, seed: int = 0) -> dict[str, Any]:
+    """`choose_k` on TF-IDF of the instructions, as the record stored in adapter_config.json."""
+    selection = choose_k(list(texts), k_max=min(k_max, len(texts)), seed=seed)
+    return {**selection.to_dict(), "features": "tfidf", "k_max": k_max, "seed": seed}

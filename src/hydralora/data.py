@@ -278,6 +278,7 @@ def tokenize_example(example: Example, tokenizer, max_length: int) -> dict[str, 
         "truncated": truncated,
         "domain": example.domain,
         "source": example.source,
+        "instruction": example.instruction,
     }
 
 
@@ -350,7 +351,7 @@ class Collator:
     pad_token_id: int
     pad_to_multiple_of: int | None = 8
 
-    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         longest = max(len(f["input_ids"]) for f in batch)
         if self.pad_to_multiple_of:
             m = self.pad_to_multiple_of
@@ -363,4 +364,7 @@ class Collator:
             ids[i, :n] = torch.tensor(f["input_ids"])
             labels[i, :n] = torch.tensor(f["labels"])
             mask[i, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if all("adapter_name" in f for f in batch):  # LoRA-Split: each row's PEFT adapter
+            out["adapter_names"] = [f["adapter_name"] for f in batch]
+        return out

@@ -44,7 +44,7 @@ def domain_losses(
     order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
     for start in range(0, len(order), batch_size):
         chunk = [features[i] for i in order[start : start + batch_size]]
-        batch = {k: v.to(device) for k, v in collate(chunk).items()}
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(chunk).items()}
         with autocast_context(model, bf16):
             nll, rows = response_nll(model, batch)
         per_row = torch.zeros(len(chunk)).index_add_(0, rows.cpu(), nll.cpu())

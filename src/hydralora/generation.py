@@ -16,8 +16,12 @@ def generate(
     batch_size: int = 8,
     do_sample: bool = False,
     temperature: float = 1.0,
+    adapter_names: list[str] | None = None,
 ) -> list[str]:
-    """The model's answer to each conversation (greedy unless `do_sample`)."""
+    """The model's answer to each conversation (greedy unless `do_sample`).
+
+    `adapter_names` (LoRA-Split) gives the PEFT adapter of each conversation; a batch may mix them.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -32,8 +36,10 @@ def generate(
             enc = tokenizer(
                 [texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
             ).to(device)
+            extra = {"adapter_names": [adapter_names[i] for i in idx]} if adapter_names else {}
             out = model.generate(
                 **enc,
+                **extra,
                 max_new_tokens=max_new_tokens,
                 do_sample=do_sample,
                 temperature=temperature if do_sample else None,

@@ -20,6 +20,9 @@ def adapter_info(path: str | Path) -> dict[str, Any]:
     if kind == "lora":
         info["config"] = json.loads((path / CONFIG_NAME).read_text())
         return info
+    if kind == "lora-split":
+        info["config"] = json.loads((path / "lora_split.json").read_text())
+        return info
     config, tensors = read_adapter(path)
     meta = json.loads((path / CONFIG_NAME).read_text())
     layers: dict[str, dict[str, Any]] = {}
@@ -44,6 +47,11 @@ def adapter_info(path: str | Path) -> dict[str, Any]:
 
 
 def format_info(info: dict[str, Any]) -> str:
+    if info["kind"] == "lora-split":
+        c = info["config"]
+        return (f"{info['path']}: LoRA-Split, {c['k']} PEFT LoRA adapters (ranks {c['ranks']}), "
+                f"cluster sizes {c['cluster_sizes']}, base={c.get('base_model_name_or_path')}; "
+                "prompts go to the adapter of their nearest TF-IDF centroid")
     if info["kind"] == "lora":
         c = info["config"]
         return (f"{info['path']}: PEFT LoRA adapter, r={c.get('r')}, alpha={c.get('lora_alpha')}, "

@@ -21,7 +21,9 @@ def response_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tupl
     labels = batch["labels"]  # (B, T)
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t+1
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
+    extra = {"adapter_names": batch["adapter_names"]} if "adapter_names" in batch else {}
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                logits_to_keep=keep, **extra)
     logits = out.logits.reshape(-1, out.logits.shape[-1])  # (M, V)
     targets = labels[:, 1:][keep[:, :-1]]  # (M,)
     if logits.shape[0] != targets.shape[0]:  # a model that ignores the boolean mask

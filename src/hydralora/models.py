@@ -179,6 +179,8 @@ def adapter_kind(path: str | os.PathLike) -> str:
     config_file = Path(path) / CONFIG_NAME
     if not Path(path).is_dir():
         raise AdapterError(f"{path}: no such adapter directory")
+    if (Path(path) / "lora_split.json").exists():
+        return "lora-split"
     if not config_file.exists():
         raise AdapterError(f"{path}: missing {CONFIG_NAME}; is this an adapter directory?")
     try:
@@ -196,8 +198,11 @@ def load_model_with_adapter(
     adapter: str | os.PathLike | None = None,
     dtype: str | torch.dtype | None = "float32",
     trust_remote_code: bool = False,
+    with_router: bool = False,
 ):
-    """(model, tokenizer) with a HydraLoRA or PEFT LoRA adapter applied when one is given."""
+    """(model, tokenizer) with a HydraLoRA, PEFT LoRA or LoRA-Split adapter applied when one is
+    given; with `with_router`, (model, tokenizer, router) where router routes prompts to
+    LoRA-Split adapters (None for the other kinds)."""
     kind = adapter_kind(adapter) if adapter else None  # check before the slow model load
     model, tokenizer = load_model(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
     if kind == "hydralora":
@@ -208,5 +213,10 @@ def load_model_with_adapter(
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter))
+    router = None
+    if kind == "lora-split":
+        from .baselines import load_lora_split
+
+        model, router = load_lora_split(model, adapter)
     model.eval()
-    return model, tokenizer
+    return (model, tokenizer, router) if with_router else (model, tokenizer)

@@ -42,7 +42,7 @@ from .model import (
 )
 from .routing import collect_router_stats, diversity_report, start_router_stats
 
-METHODS = ("hydralora", "lora")
+METHODS = ("hydralora", "lora", "lora-split")
 CHECKPOINTS = "checkpoints"
 COMPLETE_MARKER = ".complete"
 BUILTIN = "builtin"
@@ -65,7 +65,7 @@ class TrainConfig:
     output: str = ""
     """Output directory: the final adapter, train_config.yaml, summary.json, checkpoints/."""
     method: str = "hydralora"
-    """hydralora, or lora (a PEFT LoRA with the same data, schedule and targets)."""
+    """hydralora; lora (PEFT LoRA, same data/schedule/targets); lora-split (k PEFT LoRAs, one per k-means cluster)."""
     max_steps: int = -1
     """Optimizer steps to run; -1 means use --epochs."""
     epochs: float = 1.0
@@ -106,6 +106,8 @@ class TrainConfig:
     """Allow writing over an adapter that OUTPUT already holds."""
     k_max: int = 10
     """Largest k tried by --num-heads auto."""
+    split_ranks: str = "budget"
+    """lora-split: 'budget' gives each of the k adapters rank r/k (the paper's LoRA-Split), 'each' rank r."""
     builtin_train_per_domain: int = 200
     """Examples per domain of the built-in mixture's train split."""
     builtin_test_per_domain: int = 40
@@ -131,6 +133,10 @@ class TrainConfig:
             raise TrainingError("give --max-steps > 0 or --epochs > 0")
         if not self.lr > 0:
             raise TrainingError("--lr must be > 0")
+        if self.split_ranks not in ("budget", "each"):
+            raise TrainingError("--split-ranks must be budget or each")
+        if self.method == "lora-split" and self.resume:
+            raise TrainingError("--resume is not supported for --method lora-split; start again")
         if self.bf16 not in ("auto", "true", "false"):
             raise TrainingError("--bf16 must be auto, true or false")
 
@@ -169,6 +175,11 @@ def variant_name(cfg: TrainConfig, adapter: HydraLoraConfig) -> str:
     """A short description of the trained variant, naming the paper's ablations."""
     if cfg.method == "lora":
         return f"LoRA r={adapter.r} (PEFT)"
+    if cfg.method == "lora-split":
+        from .baselines import split_ranks
+
+        ranks = split_ranks(adapter.r, adapter.num_heads, cfg.split_ranks)
+        return f"LoRA-Split {adapter.num_heads} x r={ranks[0]} (PEFT, one LoRA per k-means cluster)"
     parts = [f"HydraLoRA r={adapter.r}, k={adapter.num_heads}"]
     if adapter.num_heads == 1:
         parts.append("one head: w/o MoE")
@@ -401,7 +412,7 @@ def prepare_output(cfg: TrainConfig) -> Path:
     output = Path(cfg.output)
     if output.exists() and not output.is_dir():
         raise TrainingError(f"--output {output} exists and is not a directory")
-    has_adapter = (output / CONFIG_NAME).exists()
+    has_adapter = (output / CONFIG_NAME).exists() or (output / "lora_split.json").exists()
     if cfg.resume:
         if last_checkpoint(output) is None:
             raise TrainingError(
@@ -435,7 +446,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 def run_training(cfg: TrainConfig) -> tuple[dict[str, Any], nn.Module, Any]:
     """Run one fine-tune; returns (summary, trained model, tokenizer)."""
-    from transformers import TrainingArguments, set_seed
+    from transformers import set_seed
 
     from .models import load_model
 
@@ -459,7 +470,7 @@ def run_training(cfg: TrainConfig) -> tuple[dict[str, Any], nn.Module, Any]:
         log(f"held-out: {eval_report.line()}")
 
     k_selection = None
-    if cfg.method == "hydralora" and cfg.adapter.get("num_heads") == "auto":
+    if cfg.method != "lora" and cfg.adapter.get("num_heads") == "auto":
         from .clustering import select_num_heads
 
         k_selection = select_num_heads([e.instruction for e in examples], k_max=cfg.k_max, seed=cfg.seed)
@@ -474,29 +485,101 @@ def run_training(cfg: TrainConfig) -> tuple[dict[str, Any], nn.Module, Any]:
         t0 = time.time()
         results["base"] = domain_losses(model, eval_features, tokenizer.pad_token_id, bf16=use_bf16)
         log(f"base model held-out loss {results['base']['mean']['loss']:.4f} ({time.time() - t0:.0f} s)")
-    model = build_model(cfg, adapter, model)
-    trainable, total = count_parameters(model)
-    variant = variant_name(cfg, adapter)
-    log(f"{variant}: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
     if is_main_process():
         output.mkdir(parents=True, exist_ok=True)
         write_yaml(output / "train_config.yaml", cfg.flat())
-
     set_seed(cfg.seed)
+    if cfg.method == "lora-split":
+        from .baselines import train_lora_split
+
+        model, run = train_lora_split(cfg, adapter, model, examples, features, tokenizer, use_bf16)
+        for f in eval_features:
+            f["adapter_name"] = run["router"].route([f["instruction"]])[0]
+        run.pop("router")
+    else:
+        model = build_model(cfg, adapter, model)
+        run = fit(cfg, model, features, tokenizer, output / CHECKPOINTS, cfg.max_steps, use_bf16,
+                  resume=cfg.resume, label=variant_name(cfg, adapter))
+        model = run.pop("model")
+    trainable, total = run["trainable"], run["total"]
+    variant = run.get("variant") or variant_name(cfg, adapter)
+    stats = collect_router_stats(model) if hydralora_layers(model) else {}
+    if is_main_process():
+        if cfg.method == "hydralora":
+            save_adapter(model, output)
+            if stats:
+                with atomic_write(output / "router_stats.json") as tmp:
+                    tmp.write_text(json.dumps(stats, indent=1))
+        elif cfg.method == "lora":
+            save_peft_adapter(model, output)
+    if eval_features and is_main_process():
+        results["fine-tuned"] = domain_losses(model, eval_features, tokenizer.pad_token_id, bf16=use_bf16)
+
+    world = world_size()
+    summary = {
+        "variant": variant,
+        "method": cfg.method,
+        "model": cfg.model,
+        "steps": run["steps"],
+        "tokens": run["tokens"] * world,
+        "train_seconds": round(run["seconds"], 2),
+        "tokens_per_second": round(run["tokens"] * world / max(run["seconds"], 1e-9), 1),
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_share": trainable / total,
+        "final_loss": run["final_loss"],
+        "train_loss": run["train_loss"],
+        "bf16": use_bf16,
+        "processes": world,
+        "num_heads": adapter.num_heads if cfg.method != "lora" else None,
+        "k_selection": k_selection,
+        "diversity": diversity_report(model, stats) if hydralora_layers(model) else {},
+        "eval": results,
+        "rank_fingerprints": run.get("fingerprints"),
+        "wall_seconds": round(time.time() - started, 1),
+        **({"clusters": run["clusters"]} if "clusters" in run else {}),
+    }
+    if is_main_process():
+        with atomic_write(output / "summary.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=2))
+        print(format_summary(summary, output), flush=True)
+    return summary, model, tokenizer
+
+
+def fit(
+    cfg: TrainConfig,
+    model: nn.Module,
+    features: list[dict[str, Any]],
+    tokenizer: Any,
+    checkpoint_dir: Path,
+    max_steps: int,
+    use_bf16: bool,
+    resume: bool = False,
+    label: str | None = None,
+) -> dict[str, Any]:
+    """Train `model` (adapter already attached) on `features` with the Trainer; returns the
+    unwrapped model and the run's numbers. Raises TrainingInterrupted after Ctrl-C."""
+    from transformers import TrainingArguments
+
+    trainable, total = count_parameters(model)
+    if label:
+        log(f"{label}: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     HydraTrainer, InterruptCallback = _make_trainer_class()
     interrupt = InterruptCallback()
     args = TrainingArguments(
-        output_dir=str(output / CHECKPOINTS),
+        output_dir=str(checkpoint_dir),
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.lr,
         lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay,
-        max_steps=cfg.max_steps,
+        max_steps=max_steps,
         num_train_epochs=cfg.epochs,
         logging_steps=cfg.logging_steps,
         save_strategy="steps" if cfg.save_steps > 0 else "no",
@@ -524,63 +607,28 @@ def run_training(cfg: TrainConfig) -> tuple[dict[str, Any], nn.Module, Any]:
     )
     if hydralora_layers(model):
         start_router_stats(model)
-    resume_from = str(last_checkpoint(output)) if cfg.resume else None
-    if resume_from:
+    resume_from = None
+    if resume:
+        resume_from = str(last_checkpoint(checkpoint_dir.parent))
         log(f"resuming from {resume_from}")
-    train_start = time.time()
+    t0 = time.time()
     outcome = trainer.train(resume_from_checkpoint=resume_from)
-    train_seconds = time.time() - train_start
+    seconds = time.time() - t0
     if interrupt.interrupted_at is not None:
-        ckpt = last_checkpoint(output)
-        raise TrainingInterrupted(interrupt.interrupted_at, ckpt)
-
+        raise TrainingInterrupted(interrupt.interrupted_at, last_checkpoint(checkpoint_dir.parent))
     bare = trainer.accelerator.unwrap_model(trainer.model)
-    fingerprints = rank_fingerprints(bare)
-    stats = collect_router_stats(bare) if hydralora_layers(bare) else {}
-    if is_main_process():
-        if cfg.method == "hydralora":
-            save_adapter(bare, output)
-            if stats:
-                with atomic_write(output / "router_stats.json") as tmp:
-                    tmp.write_text(json.dumps(stats, indent=1))
-        else:
-            save_peft_adapter(bare, output)
-            tokenizer_note = output / "README.md"
-            tokenizer_note.write_text(f"PEFT LoRA adapter trained by hydralora on {cfg.model}\n")
-    if eval_features and is_main_process():
-        results["fine-tuned"] = domain_losses(bare, eval_features, tokenizer.pad_token_id, bf16=use_bf16)
-
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    world = world_size()
-    tokens = trainer.tokens_seen * world
-    summary = {
-        "variant": variant,
-        "method": cfg.method,
-        "model": cfg.model,
+    return {
+        "model": bare,
         "steps": trainer.state.global_step,
-        "tokens": tokens,
-        "train_seconds": round(train_seconds, 2),
-        "tokens_per_second": round(tokens / max(train_seconds, 1e-9), 1),
-        "peak_memory_mb": round(peak_memory_mb(device), 1),
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_share": trainable / total,
+        "tokens": trainer.tokens_seen,
+        "seconds": seconds,
         "final_loss": losses[-1] if losses else outcome.training_loss,
         "train_loss": outcome.training_loss,
-        "bf16": use_bf16,
-        "processes": world,
-        "num_heads": adapter.num_heads if cfg.method == "hydralora" else None,
-        "k_selection": k_selection,
-        "diversity": diversity_report(bare, stats) if hydralora_layers(bare) else {},
-        "eval": results,
-        "rank_fingerprints": fingerprints,
-        "wall_seconds": round(time.time() - started, 1),
+        "trainable": trainable,
+        "total": total,
+        "fingerprints": rank_fingerprints(bare),
     }
-    if is_main_process():
-        with atomic_write(output / "summary.json") as tmp:
-            tmp.write_text(json.dumps(summary, indent=2))
-        print(format_summary(summary, output), flush=True)
-    return summary, bare, tokenizer
 
 
 class TrainingInterrupted(TrainingError):

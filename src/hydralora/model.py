@@ -56,19 +56,9 @@ def _short_list(names: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(patterns) - limit} more)" if len(patterns) > limit else "")
 
 
-def add_hydralora(model: nn.Module, config: HydraLoraConfig) -> nn.Module:
-    """Wrap every target linear layer of `model` in a HydraLoraLinear, in place; freeze the rest.
-
-    Returns the same model. Raises if the model already has HydraLoRA layers or if no module
-    matches `config.target_modules` (the message lists the linear layers that exist).
-    """
-    if hydralora_layers(model):
-        raise ConfigError(
-            "this model already has HydraLoRA layers; call remove_hydralora(model) first "
-            "(double injection would wrap adapters inside adapters)"
-        )
-    config.validate()
-    targets = config.target_modules
+def find_targets(model: nn.Module, targets: list[str] | str) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs that `targets` selects; an error if none, or if any is not a
+    linear layer (the message lists the linear layers that exist)."""
     matched = [(n, m) for n, m in model.named_modules() if n and target_matches(n, targets)]
     if not matched:
         raise ConfigError(
@@ -81,6 +71,22 @@ def add_hydralora(model: nn.Module, config: HydraLoraConfig) -> nn.Module:
             f"target_modules={targets!r} matched modules that are not linear layers: "
             f"{_short_list(unsupported)}; target the linear layers inside them instead"
         )
+    return matched
+
+
+def add_hydralora(model: nn.Module, config: HydraLoraConfig) -> nn.Module:
+    """Wrap every target linear layer of `model` in a HydraLoraLinear, in place; freeze the rest.
+
+    Returns the same model. Raises if the model already has HydraLoRA layers or if no module
+    matches `config.target_modules` (the message lists the linear layers that exist).
+    """
+    if hydralora_layers(model):
+        raise ConfigError(
+            "this model already has HydraLoRA layers; call remove_hydralora(model) first "
+            "(double injection would wrap adapters inside adapters)"
+        )
+    config.validate()
+    matched = find_targets(model, config.target_modules)
     setattr(model, _FROZEN_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
     for p in model.parameters():
         p.requires_grad_(False)

@@ -34,6 +34,7 @@ from .model import (
     atomic_write,
     balance_loss,
     count_parameters,
+    find_targets,
     hydralora_layers,
     load_adapter_weights,
     read_adapter,
@@ -290,6 +291,17 @@ def _make_trainer_class():
             for sig, handler in self._previous.items():
                 signal.signal(sig, handler)
 
+    class StepDelayCallback(TrainerCallback):
+        """Testing aid: HYDRALORA_STEP_DELAY=seconds slows every step, so that tests can
+        interrupt a run of a tiny model in the middle."""
+
+        def __init__(self, seconds: float):
+            self.seconds = seconds
+
+        def on_step_end(self, args, state, control, **kwargs):
+            time.sleep(self.seconds)
+
+    HydraTrainer.StepDelayCallback = StepDelayCallback
     return HydraTrainer, InterruptCallback
 
 
@@ -476,6 +488,7 @@ def run_training(cfg: TrainConfig) -> tuple[dict[str, Any], nn.Module, Any]:
         k_selection = select_num_heads([e.instruction for e in examples], k_max=cfg.k_max, seed=cfg.seed)
         log(f"num_heads auto: k = {k_selection['k']} ({k_selection['method']})")
     adapter = adapter_config(cfg, k_selection)
+    find_targets(model, adapter.target_modules)  # a wrong target fails here, before any output
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     use_bf16 = cfg.bf16 == "true" or (cfg.bf16 == "auto" and bf16_supported(device))
@@ -605,6 +618,8 @@ def fit(
         optimizers=(make_optimizer(model, cfg), None),
         callbacks=[interrupt],
     )
+    if os.environ.get("HYDRALORA_STEP_DELAY"):
+        trainer.add_callback(HydraTrainer.StepDelayCallback(float(os.environ["HYDRALORA_STEP_DELAY"])))
     if hydralora_layers(model):
         start_router_stats(model)
     resume_from = None

@@ -162,6 +162,34 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- eval
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="per-domain held-out loss and task metrics")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--adapter", help="HydraLoRA, PEFT LoRA or LoRA-Split directory")
+    p.add_argument("--data", nargs="+", required=True, help="held-out files, or 'builtin' (its test split)")
+    p.add_argument("--output", help="write the results here as JSON (refused if it exists)")
+    p.add_argument("--overwrite", action="store_true", help="allow replacing --output")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, help="override the per-metric generation length")
+    p.add_argument("--limit", type=int, help="at most N examples per domain")
+    p.add_argument("--no-generate", action="store_true", help="losses only, no task metrics")
+    p.add_argument("--dtype", default="float32")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import run_eval
+
+    if args.output and Path(args.output).exists() and not args.overwrite:
+        raise ConfigError(f"{args.output} exists; choose another --output or pass --overwrite")
+    run_eval(args.model, args.adapter, args.data, output=args.output, batch_size=args.batch_size,
+             max_length=args.max_length, max_new_tokens=args.max_new_tokens, limit=args.limit,
+             generate_tasks=not args.no_generate, dtype=args.dtype)
+    return 0
+
+
 # ---------------------------------------------------------------------------- cluster
 def add_cluster_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cluster", help="choose k: TF-IDF (or embeddings) + k-means + elbow")
@@ -253,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_train_parser, add_generate_parser, add_data_parser, add_info_parser,
-                add_cluster_parser, add_demo_parser):
+                add_eval_parser, add_cluster_parser, add_demo_parser):
         add(sub)
     return parser
 

@@ -1,0 +1,109 @@
+"""Evaluation: every metric, the code sandbox, and `hydralora eval` on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import write_jsonl
+from hydralora.cli import main
+from hydralora.data import Example
+from hydralora.evaluate import code_program, final_number, normalize_label, same_number, score
+
+
+def ex(response, **meta):
+    return Example(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": response}],
+                   domain=meta.pop("domain", None), source="t.jsonl, line 1", meta=meta)
+
+
+def test_number_metric():
+    assert final_number("so 3 + 4 = 7\n#### 1,234") == "1234"
+    assert final_number("the answer is 12.") == "12"
+    assert final_number("no digits") is None
+    assert same_number("18", "18.0") and not same_number("18", "19")
+    assert score("number", "She makes 9 * 2 = 18 dollars.\n#### 18", ex("x", answer="18")) == 1.0
+    assert score("number", "#### 17", ex("x", answer="18")) == 0.0
+
+
+def test_label_metric():
+    assert normalize_label(" Business.") == "business"
+    assert score("label", "Sport, clearly", ex("sport", label="sport")) == 1.0
+    assert score("label", "tech", ex("sport", label="sport")) == 0.0
+
+
+def test_rouge_metric():
+    assert score("rouge-l", "Lacroix label bought by US firm", ex("Lacroix label bought by US firm")) == 1.0
+    assert 0 < score("rouge-l", "US firm buys label", ex("Lacroix label bought by US firm")) < 1
+
+
+PREFIX = "def add(a, b):\n    \"\"\"Add two numbers.\"\"\"\n"
+TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n"
+
+
+@pytest.mark.parametrize(
+    "generated,expected",
+    [
+        ("    return a + b\n", 1.0),
+        ("```python\ndef add(a, b):\n    return a + b\n```", 1.0),
+        ("    return a - b\n", 0.0),
+        ("    while True:\n        pass\n", 0.0),  # the sandbox stops the infinite loop
+        ("    import os; os.system('touch /tmp/hydralora-pwned'); return a + b\n", 0.0),
+    ],
+)
+def test_pass_at_1_in_the_sandbox(generated, expected):
+    example = ex("    return a + b\n", code_prefix=PREFIX, test=TEST, entry_point="add")
+    assert score("pass@1", generated, example, timeout_s=3) == expected
+
+
+def test_code_program_keeps_imports_of_the_prompt():
+    prefix = "from typing import List\n\n\ndef f(x: List[int]) -> int:\n    \"\"\"doc\"\"\"\n"
+    program = code_program("```python\ndef f(x: List[int]) -> int:\n    return 1\n```", {"code_prefix": prefix, "entry_point": "f"})
+    assert program.startswith("from typing import List") and program.count("def f") == 1
+
+
+def test_unknown_metric_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown metric 'bleu'"):
+        score("bleu", "x", ex("x"))
+
+
+def builtin_eval_file(tmp_path):
+    from hydralora.mixtures import builtin_mixture
+
+    _, test = builtin_mixture(train_per_domain=1, test_per_domain=2)
+    return write_jsonl(tmp_path / "test.jsonl", test)
+
+
+def test_eval_with_a_perfect_model_scores_one(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Generation replaced by the references: every metric must give 1.0 end to end."""
+    import hydralora.generation as generation
+    from hydralora.data import load_examples
+
+    path = builtin_eval_file(tmp_path)
+    reference = {e.prompt_messages[-1]["content"]: e.response for e in load_examples([path])}
+    monkeypatch.setattr(generation, "generate",
+                        lambda model, tok, convs, **kw: [reference[c[-1]["content"]] for c in convs])
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(path), "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {d: r["score"] for d, r in result["tasks"].items()} == {
+        "code": 1.0, "headline": 1.0, "math": 1.0, "topic": 1.0, "mean": 1.0}
+    assert {d for d in result["loss"]} == {"code", "headline", "math", "topic", "mean"}
+    assert "| code loss |" in capsys.readouterr().out
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(path), "--output", str(out)]) == 2
+
+
+def test_eval_real_generation_with_adapters(tiny_model_dir, tmp_path, tiny_data):
+    path = builtin_eval_file(tmp_path)
+    common = ["--model", str(tiny_model_dir), "--data", str(tiny_data), "--max-steps", "2",
+              "--batch-size", "4", "--save-steps", "0", "--target-modules", "q_proj"]
+    for method in ("hydralora", "lora", "lora-split"):
+        extra = ["--num-heads", "2", "--r", "4"]
+        assert main(["train", *common, "--output", str(tmp_path / method), "--method", method, *extra]) == 0
+        out = tmp_path / f"{method}.json"
+        assert main(["eval", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / method),
+                     "--data", str(path), "--output", str(out), "--max-new-tokens", "4"]) == 0
+        result = json.loads(out.read_text())
+        assert set(result["tasks"]) == {"code", "headline", "math", "topic", "mean"}
+        assert all(0.0 <= r["score"] <= 1.0 for r in result["tasks"].values())
+        assert len(result["outputs"]) == 8

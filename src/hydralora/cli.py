@@ -172,7 +172,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="allow replacing --output")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--max-new-tokens", type=int, help="override the per-metric generation length")
+    p.add_argument("--max-new-tokens", type=int, help="cap on new tokens per answer (defaults per metric: number/pass@1 256, label 8, rouge-l 32)")
     p.add_argument("--limit", type=int, help="at most N examples per domain")
     p.add_argument("--no-generate", action="store_true", help="losses only, no task metrics")
     p.add_argument("--dtype", default="float32")

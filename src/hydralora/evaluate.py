@@ -156,7 +156,8 @@ def metric_of(example) -> str | None:
 def task_metrics(model, tokenizer, examples, router=None, batch_size: int = 8,
                  max_new_tokens: int | None = None, keep_outputs: bool = False) -> dict[str, Any]:
     """{domain: {"metric", "score", "examples"}} by batched greedy generation; examples without
-    a metric are skipped. `router` (LoRA-Split) picks each prompt's adapter."""
+    a metric are skipped. `router` (LoRA-Split) picks each prompt's adapter. `max_new_tokens`
+    caps the per-metric generation length (MAX_NEW_TOKENS)."""
     from .generation import generate
 
     by_metric: dict[str, list] = defaultdict(list)
@@ -170,7 +171,7 @@ def task_metrics(model, tokenizer, examples, router=None, batch_size: int = 8,
     for metric, group in by_metric.items():
         names = router.route([e.instruction for e in group]) if router else None
         answers = generate(model, tokenizer, [e.prompt_messages for e in group],
-                           max_new_tokens=max_new_tokens or MAX_NEW_TOKENS.get(metric, 128),
+                           max_new_tokens=min(MAX_NEW_TOKENS.get(metric, 128), max_new_tokens or 10**6),
                            batch_size=batch_size, adapter_names=names)
         for ex, answer in zip(group, answers):
             value = score(metric, answer, ex)

@@ -63,6 +63,8 @@ class TrainConfig:
     """Training files (.jsonl, .json, .csv, .parquet); 'builtin' = the built-in mixture's train split."""
     eval_data: list[str] = field(default_factory=list)
     """Held-out files for per-domain loss before and after training; 'builtin' = its test split."""
+    eval_base: bool = True
+    """With --eval-data, also measure the base model's held-out loss before training."""
     output: str = ""
     """Output directory: the final adapter, train_config.yaml, summary.json, checkpoints/."""
     method: str = "hydralora"
@@ -493,7 +495,7 @@ def run_training(cfg: TrainConfig) -> tuple[dict[str, Any], nn.Module, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     use_bf16 = cfg.bf16 == "true" or (cfg.bf16 == "auto" and bf16_supported(device))
     results: dict[str, Any] = {}
-    if eval_features and is_main_process():
+    if eval_features and cfg.eval_base and is_main_process():
         model.to(device)
         t0 = time.time()
         results["base"] = domain_losses(model, eval_features, tokenizer.pad_token_id, bf16=use_bf16)

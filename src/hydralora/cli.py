@@ -190,6 +190,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- export
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a HydraLoRA adapter as a PEFT LoRA or a merged model")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--format", choices=["peft-lora", "merged"], default="peft-lora")
+    p.add_argument("--gates", default="uniform",
+                   help="uniform | mean | domain=NAME (both need --data) | a JSON file {layer: [g...]}")
+    p.add_argument("--data", nargs="+", help="calibration / held-out file(s)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import run_export
+
+    run_export(args.model, args.adapter, args.output, args.format, args.gates, args.data,
+               overwrite=args.overwrite)
+    return 0
+
+
 # ---------------------------------------------------------------------------- cluster
 def add_cluster_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cluster", help="choose k: TF-IDF (or embeddings) + k-means + elbow")
@@ -281,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_train_parser, add_generate_parser, add_data_parser, add_info_parser,
-                add_eval_parser, add_cluster_parser, add_demo_parser):
+                add_eval_parser, add_export_parser, add_cluster_parser, add_demo_parser):
         add(sub)
     return parser
 

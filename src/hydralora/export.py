@@ -1,0 +1,251 @@
+"""Export a HydraLoRA adapter for serving: a standard PEFT LoRA, or a merged full model.
+
+HydraLoRA's gates depend on the token, so no static weight reproduces it exactly. With a
+fixed gate vector g per layer the heads collapse: sum_i g_i B_i A = B_eff A, a rank-r LoRA
+(shared A) or, with one A per head, the rank-k*r LoRA [g_1 B_1 ... g_k B_k] [A_1; ...; A_k].
+That LoRA is what PEFT, vLLM and plain transformers load. Gates:
+
+    uniform          1/k for every head
+    mean             the mean router gates over the tokens of a calibration file (--data)
+    domain=NAME      the mean over the examples of one domain of --data
+    FILE             a JSON file: {"<layer path>": [g_1, ..., g_k], ...}; a "*" entry applies
+                     to every layer not listed
+
+`export` also reports what fixing the gates costs: the held-out loss of the fixed-gate model
+next to the dynamic one on --data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ConfigError
+from .model import hydralora_layers, remove_hydralora, set_token_mask
+
+FORMATS = ("peft-lora", "merged")
+
+
+def gates_from_file(path: str | Path, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Read and validate a gates JSON file; every problem is reported with the key."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such gates file") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}, line {err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected an object {{layer path: [gates]}}")
+    unknown = sorted(set(data) - set(layers) - {"*"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown layer(s) {unknown[:5]}; layers are e.g. {sorted(layers)[:3]}")
+    gates = {}
+    for name, layer in layers.items():
+        if name not in data and "*" not in data:
+            raise ConfigError(f"{path}: no gates for layer {name!r} (add it or a '*' entry)")
+        key = name if name in data else "*"
+        gates[name] = check_gate_vector(data[key], layer.num_heads, f"{path}: {key!r}")
+    return gates
+
+
+def check_gate_vector(values: Any, k: int, where: str) -> torch.Tensor:
+    if not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values):
+        raise ConfigError(f"{where}: gates must be a list of {k} numbers")
+    g = torch.tensor(values, dtype=torch.float32)
+    if g.numel() != k:
+        raise ConfigError(f"{where}: {g.numel()} gate values for {k} heads")
+    if not torch.isfinite(g).all() or (g < 0).any():
+        raise ConfigError(f"{where}: gates must be finite and non-negative, got {values}")
+    if abs(float(g.sum()) - 1.0) > 1e-3:
+        raise ConfigError(f"{where}: gates must sum to 1 (as the router's do), they sum to {float(g.sum()):.4f}")
+    return g
+
+
+@torch.no_grad()
+def mean_gates(model: nn.Module, features: list[dict[str, Any]], pad_token_id: int,
+               batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Per layer, the router's mean gate vector over the real tokens of `features`."""
+    from .data import Collator
+    from .routing import collect_router_stats, start_router_stats, stop_router_stats
+
+    if not features:
+        raise ConfigError("no examples to average the gates over (check --data and the domain name)")
+    was_training = model.training
+    model.eval()
+    start_router_stats(model)
+    collate = Collator(pad_token_id)
+    device = next(model.parameters()).device
+    try:
+        for i in range(0, len(features), batch_size):
+            batch = collate(features[i : i + batch_size])
+            set_token_mask(model, batch["attention_mask"].bool().to(device))
+            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        stats = collect_router_stats(model)
+    finally:
+        set_token_mask(model, None)
+        stop_router_stats(model)
+        model.train(was_training)
+    return {name: torch.tensor(s["mean_gate"], dtype=torch.float32) for name, s in stats.items()}
+
+
+def resolve_gates(model: nn.Module, spec: str, features: list[dict[str, Any]] | None = None,
+                  pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Fixed gates for every layer from a spec: uniform, mean, domain=NAME or a JSON file."""
+    layers = hydralora_layers(model)
+    if spec == "uniform":
+        return {n: torch.full((l.num_heads,), 1.0 / l.num_heads) for n, l in layers.items()}
+    if spec == "mean" or spec.startswith("domain="):
+        if features is None:
+            raise ConfigError(f"--gates {spec} needs a calibration file: give --data FILE")
+        if spec.startswith("domain="):
+            domain = spec.split("=", 1)[1]
+            available = sorted({f.get("domain") or "all" for f in features})
+            features = [f for f in features if (f.get("domain") or "all") == domain]
+            if not features:
+                raise ConfigError(f"--gates {spec}: no examples of domain {domain!r} in --data "
+                                  f"(domains there: {', '.join(available)})")
+        gates = mean_gates(model, features, pad_token_id)
+        for name, layer in layers.items():  # layers without a router have fixed gates already
+            gates.setdefault(name, torch.full((layer.num_heads,), 1.0 / layer.num_heads))
+        return gates
+    return gates_from_file(spec, layers)
+
+
+def merge_fixed(model: nn.Module, gates: dict[str, torch.Tensor]) -> None:
+    for name, layer in hydralora_layers(model).items():
+        layer.merge(gates[name])
+
+
+def unmerge_all(model: nn.Module) -> None:
+    for layer in hydralora_layers(model).values():
+        if layer.merged:
+            layer.unmerge()
+
+
+def _fresh_dir(output: Path, overwrite: bool) -> Path:
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise ConfigError(f"{output} exists and is not empty; choose another --output or pass --overwrite")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+
+
+def _move_into_place(tmp: Path, output: Path) -> None:
+    if output.exists():
+        backup = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.replace(output, backup)
+        os.replace(tmp, output)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(tmp, output)
+
+
+def export_peft_lora(model: nn.Module, gates: dict[str, torch.Tensor], output: str | Path,
+                     base_model_name: str | None = None, overwrite: bool = False) -> Path:
+    """Write a standard PEFT LoRA directory equal to `model` with fixed `gates`.
+
+    Consumes the HydraLoRA layers: `model` becomes a PeftModel-free base model again afterwards
+    (the caller should reload if it needs the HydraLoRA model).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    layers = hydralora_layers(model)
+    cfg = next(iter(layers.values())).config
+    factors = {name: layer.fixed_gate_factors(gates[name]) for name, layer in layers.items()}
+    rank = cfg.r if cfg.shared_a else cfg.r * cfg.num_heads
+    scaling = cfg.scaling
+    output = Path(output)
+    tmp = _fresh_dir(output, overwrite)
+    try:
+        remove_hydralora(model)
+        lora = LoraConfig(r=rank, lora_alpha=scaling * rank, lora_dropout=0.0,
+                          target_modules=sorted(layers), bias="none", task_type="CAUSAL_LM",
+                          fan_in_fan_out=any(l.fan_in_fan_out for l in layers.values()))
+        peft_model = get_peft_model(model, lora)
+        with torch.no_grad():
+            for name, (b_eff, a_eff) in factors.items():
+                module = peft_model.base_model.model.get_submodule(name)
+                module.lora_A["default"].weight.copy_(a_eff)
+                module.lora_B["default"].weight.copy_(b_eff)
+        if base_model_name:
+            peft_model.peft_config["default"].base_model_name_or_path = base_model_name
+        peft_model.save_pretrained(tmp)
+        peft_model.unload()
+        _move_into_place(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def export_merged(model: nn.Module, gates: dict[str, torch.Tensor], tokenizer, output: str | Path,
+                  overwrite: bool = False) -> Path:
+    """Fold the fixed-gate update into the base weights and save a plain transformers model."""
+    output = Path(output)
+    tmp = _fresh_dir(output, overwrite)
+    try:
+        layers = hydralora_layers(model)
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.base.weight.add_(layer.delta_weight(gates[name]))
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, child, layer.base)
+        for attr in ("hydralora_config", "_hydralora_requires_grad"):
+            if hasattr(model, attr):
+                delattr(model, attr)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _move_into_place(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def run_export(model_name: str, adapter: str, output: str, fmt: str, gates_spec: str,
+               data: list[str] | None = None, overwrite: bool = False, max_length: int = 512) -> dict:
+    """The `hydralora export` command: resolve gates, report the cost of fixing them, export."""
+    from .data import load_examples, tokenize_examples
+    from .evaluate import domain_losses
+    from .models import adapter_kind, load_model_with_adapter
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if adapter_kind(adapter) != "hydralora":
+        raise ConfigError(f"{adapter}: export takes a HydraLoRA adapter (PEFT adapters need no export)")
+    if Path(output).exists() and any(Path(output).iterdir()) and not overwrite:
+        raise ConfigError(f"{output} exists and is not empty; choose another --output or pass --overwrite")
+    model, tokenizer = load_model_with_adapter(model_name, adapter)
+    features = None
+    if data:
+        features, _ = tokenize_examples(load_examples(data), tokenizer, max_length, skip_overlong=True)
+    gates = resolve_gates(model, gates_spec, features, tokenizer.pad_token_id)
+    report: dict[str, Any] = {"format": fmt, "gates": gates_spec}
+    if features:
+        dynamic = domain_losses(model, features, tokenizer.pad_token_id)
+        merge_fixed(model, gates)
+        fixed = domain_losses(model, features, tokenizer.pad_token_id)
+        unmerge_all(model)
+        report.update(dynamic=dynamic, fixed=fixed)
+        print("held-out loss with dynamic routing vs the exported fixed gates "
+              f"(--gates {gates_spec}):")
+        for domain in dynamic:
+            d, f = dynamic[domain]["loss"], fixed[domain]["loss"]
+            print(f"  {domain:>10}: dynamic {d:.4f}  fixed {f:.4f}  ({f - d:+.4f})")
+    if fmt == "peft-lora":
+        export_peft_lora(model, gates, output, base_model_name=model_name, overwrite=overwrite)
+    else:
+        export_merged(model, gates, tokenizer, output, overwrite=overwrite)
+    with open(Path(output) / "hydralora_export.json", "w") as f:
+        json.dump({**report, "source_adapter": str(adapter),
+                   "gates_per_layer": {n: g.tolist() for n, g in gates.items()}}, f, indent=1)
+    print(f"wrote {fmt} export to {output}")
+    return report

@@ -212,6 +212,44 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- analyze
+def add_analyze_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="router usage per domain and the A-vs-B comparison (plots + JSON)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--adapter", required=True, help="HydraLoRA adapter directory")
+    p.add_argument("--data", nargs="+", required=True, help="examples with a 'domain' field, or 'builtin'")
+    p.add_argument("--output", required=True)
+    p.add_argument("--domain-lora", nargs="+", metavar="DOMAIN=DIR",
+                   help="PEFT LoRAs trained separately per domain, for the A-vs-B comparison")
+    p.add_argument("--per-domain-steps", type=int, default=0,
+                   help="train one LoRA per domain for this many steps (same seed) when no --domain-lora")
+    p.add_argument("--batch-size", type=int, default=4, help="batch size of the per-domain LoRAs")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the per-domain LoRAs")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_analyze)
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .analysis import run_analyze
+
+    data = args.data
+    if "builtin" in data:
+        from .mixtures import write_builtin
+
+        _, test_file = write_builtin(Path(args.output) / "data")
+        data = [str(test_file) if d == "builtin" else d for d in data]
+    loras = None
+    if args.domain_lora:
+        bad = [x for x in args.domain_lora if "=" not in x]
+        if bad:
+            raise ConfigError(f"--domain-lora expects DOMAIN=DIR, got {bad}")
+        loras = dict(x.split("=", 1) for x in args.domain_lora)
+    run_analyze(args.model, args.adapter, data, args.output, loras, args.per_domain_steps,
+                seed=args.seed, train_extra={"batch_size": args.batch_size, "lr": args.lr,
+                                             "skip_overlong": True, "max_length": 256})
+    return 0
+
+
 # ---------------------------------------------------------------------------- cluster
 def add_cluster_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cluster", help="choose k: TF-IDF (or embeddings) + k-means + elbow")
@@ -303,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_train_parser, add_generate_parser, add_data_parser, add_info_parser,
-                add_eval_parser, add_export_parser, add_cluster_parser, add_demo_parser):
+                add_eval_parser, add_export_parser, add_analyze_parser, add_cluster_parser,
+                add_demo_parser):
         add(sub)
     return parser
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError
-from .model import hydralora_layers, remove_hydralora, set_token_mask
+from .model import hydralora_layers, remove_hydralora
 
 FORMATS = ("peft-lora", "merged")
 
@@ -69,30 +69,14 @@ def check_gate_vector(values: Any, k: int, where: str) -> torch.Tensor:
     return g
 
 
-@torch.no_grad()
 def mean_gates(model: nn.Module, features: list[dict[str, Any]], pad_token_id: int,
                batch_size: int = 8) -> dict[str, torch.Tensor]:
     """Per layer, the router's mean gate vector over the real tokens of `features`."""
-    from .data import Collator
-    from .routing import collect_router_stats, start_router_stats, stop_router_stats
+    from .routing import gate_statistics
 
     if not features:
         raise ConfigError("no examples to average the gates over (check --data and the domain name)")
-    was_training = model.training
-    model.eval()
-    start_router_stats(model)
-    collate = Collator(pad_token_id)
-    device = next(model.parameters()).device
-    try:
-        for i in range(0, len(features), batch_size):
-            batch = collate(features[i : i + batch_size])
-            set_token_mask(model, batch["attention_mask"].bool().to(device))
-            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-        stats = collect_router_stats(model)
-    finally:
-        set_token_mask(model, None)
-        stop_router_stats(model)
-        model.train(was_training)
+    stats = gate_statistics(model, features, pad_token_id, batch_size)
     return {name: torch.tensor(s["mean_gate"], dtype=torch.float32) for name, s in stats.items()}
 
 

@@ -26,6 +26,32 @@ def start_router_stats(model: nn.Module) -> None:
         layer.stats = RouterStats(layer.num_heads)
 
 
+@torch.no_grad()
+def gate_statistics(model: nn.Module, features: list[dict[str, Any]], pad_token_id: int,
+                    batch_size: int = 8) -> dict[str, dict[str, Any]]:
+    """Router statistics per layer (mean gate, top-1 share, entropy) over the real tokens of
+    tokenized `features`, computed in eval mode."""
+    from .data import Collator
+    from .model import set_token_mask
+
+    was_training = model.training
+    model.eval()
+    start_router_stats(model)
+    collate = Collator(pad_token_id)
+    device = next(model.parameters()).device
+    try:
+        for i in range(0, len(features), batch_size):
+            batch = collate(features[i : i + batch_size])
+            mask = batch["attention_mask"].to(device)
+            set_token_mask(model, mask.bool())
+            model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
+        return collect_router_stats(model)
+    finally:
+        set_token_mask(model, None)
+        stop_router_stats(model)
+        model.train(was_training)
+
+
 def stop_router_stats(model: nn.Module) -> None:
     for layer in hydralora_layers(model).values():
         layer.stats = None

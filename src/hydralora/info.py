@@ -86,4 +86,10 @@ def format_info(info: dict[str, Any]) -> str:
             f"training: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
             f"{summary['tokens_per_second']:.0f} tokens/s"
         )
+        div = summary.get("diversity") or {}
+        if "domain_gate_spread" in div:
+            lines.append(
+                f"mean gates differ between domains by {div['domain_gate_spread']:.3f} "
+                "(mean pairwise total-variation distance; 0 = same routing for every domain)"
+            )
     return "\n".join(lines)

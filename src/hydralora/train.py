@@ -527,8 +527,15 @@ def run_training(cfg: TrainConfig) -> tuple[dict[str, Any], nn.Module, Any]:
                     tmp.write_text(json.dumps(stats, indent=1))
         elif cfg.method == "lora":
             save_peft_adapter(model, output)
+    diversity = diversity_report(model, stats) if hydralora_layers(model) else {}
     if eval_features and is_main_process():
         results["fine-tuned"] = domain_losses(model, eval_features, tokenizer.pad_token_id, bf16=use_bf16)
+        if hydralora_layers(model) and adapter.has_router:
+            from .analysis import gates_by_domain, router_report
+
+            routing = router_report(gates_by_domain(model, eval_features, tokenizer.pad_token_id))
+            diversity["domain_gate_spread"] = routing["domain_spread_mean"]
+            diversity["mean_gate_by_domain"] = routing["mean_gate_by_domain"]
 
     world = world_size()
     summary = {
@@ -549,7 +556,7 @@ def run_training(cfg: TrainConfig) -> tuple[dict[str, Any], nn.Module, Any]:
         "processes": world,
         "num_heads": adapter.num_heads if cfg.method != "lora" else None,
         "k_selection": k_selection,
-        "diversity": diversity_report(model, stats) if hydralora_layers(model) else {},
+        "diversity": diversity,
         "eval": results,
         "rank_fingerprints": run.get("fingerprints"),
         "wall_seconds": round(time.time() - started, 1),
@@ -664,6 +671,8 @@ def format_summary(s: dict[str, Any], output: Path) -> str:
         extra += f" | head cos sim {div['head_cos_sim']:.3f}"
     if "gate_entropy_norm" in div:
         extra += f" | gate entropy {div['gate_entropy_norm']:.3f} of max"
+    if "domain_gate_spread" in div:
+        extra += f" | domain gate spread {div['domain_gate_spread']:.3f}"
     lines = [
         "",
         f"== {s['variant']} on {s['model']} ==",

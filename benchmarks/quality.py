@@ -38,6 +38,15 @@ PRESETS = {
         "task_seeds": [0],
         "max_new_tokens": 128,
     },
+    "reduced-3x": {  # the reduced preset with three times the steps
+        "train": ["--builtin-train-per-domain", "128", "--builtin-test-per-domain", "16",
+                  "--max-steps", "72", "--batch-size", "4", "--max-length", "192",
+                  "--skip-overlong", "--lr", "1e-3", "--warmup-ratio", "0.05",
+                  "--logging-steps", "12", "--save-steps", "0", "--no-eval-base"],
+        "seeds": [0, 1],
+        "task_seeds": [],
+        "max_new_tokens": 128,
+    },
     "smoke": {  # a minutes-long check that the script runs end to end
         "train": ["--builtin-train-per-domain", "30", "--builtin-test-per-domain", "2",
                   "--max-steps", "2", "--batch-size", "2", "--max-length", "160",
@@ -67,6 +76,23 @@ VARIANTS = {
     "hydra-uniform": ["--method", "hydralora", "--r", "8", "--num-heads", "auto", "--router", "uniform"],
     "hydra-no-shared-a": ["--method", "hydralora", "--r", "8", "--num-heads", "auto", "--no-shared-a"],
     "hydra-one-head": ["--method", "hydralora", "--r", "8", "--num-heads", "1"],
+    # head diversity (issue 8): options that give the heads a reason to differ
+    "hydra-random-init": ["--method", "hydralora", "--r", "8", "--num-heads", "auto", "--init-heads", "random"],
+    "hydra-random-init-zero-router": ["--method", "hydralora", "--r", "8", "--num-heads", "auto",
+                                      "--init-heads", "random", "--router-init", "zero"],
+    "hydra-head-dropout": ["--method", "hydralora", "--r", "8", "--num-heads", "auto", "--head-dropout", "0.3"],
+    "hydra-temperature": ["--method", "hydralora", "--r", "8", "--num-heads", "auto", "--router-temperature", "0.3"],
+    "hydra-balance": ["--method", "hydralora", "--r", "8", "--num-heads", "auto", "--balance-loss-weight", "0.05"],
+    "hydra-route-a": ["--method", "hydralora", "--r", "8", "--num-heads", "auto", "--router-input", "a"],
+    "hydra-router-lr10": ["--method", "hydralora", "--r", "8", "--num-heads", "auto", "--router-lr-multiplier", "10"],
+    "hydra-r11": ["--method", "hydralora", "--r", "11", "--num-heads", "auto"],
+}
+SETS = {
+    "main": ["base", "lora-r8", "lora-r16", "lora-r32", "lora-split-4x8", "hydra-auto",
+             "hydra-uniform", "hydra-no-shared-a", "hydra-one-head"],
+    "heads": ["lora-r8", "lora-r16", "lora-r32", "hydra-auto", "hydra-random-init",
+              "hydra-random-init-zero-router", "hydra-head-dropout", "hydra-temperature",
+              "hydra-balance", "hydra-route-a", "hydra-router-lr10", "hydra-r11"],
 }
 LABELS = {
     "base": "base model (no training)",
@@ -78,6 +104,14 @@ LABELS = {
     "hydra-uniform": "w/o gate (uniform router)",
     "hydra-no-shared-a": "w/o Hydra (one A per head)",
     "hydra-one-head": "w/o MoE (one head)",
+    "hydra-random-init": "HydraLoRA, random heads (A = 0)",
+    "hydra-random-init-zero-router": "HydraLoRA, random heads + zero router",
+    "hydra-head-dropout": "HydraLoRA, head dropout 0.3",
+    "hydra-temperature": "HydraLoRA, router temperature 0.3",
+    "hydra-balance": "HydraLoRA, balance loss 0.05",
+    "hydra-route-a": "HydraLoRA, routing on A x",
+    "hydra-router-lr10": "HydraLoRA, router lr x10",
+    "hydra-r11": "HydraLoRA r=11 (LoRA r=32 budget)",
 }
 
 
@@ -133,7 +167,9 @@ def fmt(values: list[float], digits: int = 3) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="reduced")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--set", choices=sorted(SETS), default="main",
+                        help="main: the methods and ablations; heads: the head-diversity study")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="instead of --set")
     parser.add_argument("--seeds", nargs="+", type=int)
     parser.add_argument("--root", default="runs/quality")
     parser.add_argument("--output", default="docs/results.md")
@@ -145,6 +181,8 @@ def main() -> None:
     started = time.time()
     rows: dict[str, dict] = {}
     test_file = None
+    args.explicit = bool(args.variants)
+    args.variants = args.variants or SETS[args.set]
     for name in args.variants:
         rows[name] = {"summaries": [], "evals": []}
         if VARIANTS[name] is None:
@@ -164,6 +202,7 @@ def main() -> None:
 
 
 def write_report(rows: dict, args, preset: dict, seeds: list[int], wall: float) -> None:
+    """Write this run's section of the results file (other sections are kept) and its plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,26 +210,35 @@ def write_report(rows: dict, args, preset: dict, seeds: list[int], wall: float) 
     import torch
 
     domains = ["math", "code", "topic", "headline"]
+    section = f"{args.set if not args.explicit else 'custom'}-{args.preset}"
+    out = Path(args.output)
+    png = out.with_name(f"{out.stem}-{section}.png")
     lines = [
-        "# Results: HydraLoRA against LoRA, LoRA-Split and the ablations",
+        f"## {SECTION_TITLES.get(args.set, 'Custom comparison')}: preset `{args.preset}`",
         "",
-        f"Made by `python benchmarks/quality.py --preset {args.preset}` on {date.today()} "
-        f"({platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-        f"no GPU); the run took {wall / 60:.0f} min (runs reused from disk count as 0).",
+        f"Made by `python benchmarks/quality.py --preset {args.preset} "
+        + (f"--variants {' '.join(args.variants)}" if args.explicit else f"--set {args.set}")
+        + f"` on {date.today()} ({platform.machine()}, {os.cpu_count()} CPU cores, torch "
+        f"{torch.__version__}, no GPU); {wall / 60:.0f} min of work in the last invocation "
+        "(runs found on disk are reused and cost nothing).",
         "",
         f"Setup: SmolLM2-135M-Instruct, the built-in mixture (train/test split fixed), targets "
         f"gate/up/down_proj, training options `{' '.join(preset['train'])}` for every method; "
         f"seeds {seeds}. Held-out loss: mean cross-entropy per response token on the test split "
-        f"(lower is better), mean ± sample standard deviation over seeds. Task metrics (greedy, at "
-        f"most {preset['max_new_tokens']} new tokens): math exact match of the final number, code "
-        "pass@1 (sandboxed), topic label accuracy, headline ROUGE-L; on seeds "
-        f"{preset['task_seeds']}.",
+        f"(lower is better), mean ± sample standard deviation over seeds. "
+        + (f"Task metrics (greedy, at most {preset['max_new_tokens']} new tokens): math exact "
+           "match of the final number, code pass@1 (sandboxed), topic label accuracy, headline "
+           f"ROUGE-L; on seeds {preset['task_seeds']}. " if preset["task_seeds"] else "")
+        + "Head cos sim: mean pairwise cosine similarity of the B heads (1 = copies); domain "
+        "spread: mean total-variation distance between the domains' mean gates (0 = same routing).",
         "",
-        "| method | trainable params | % of model | " + " | ".join(f"{d} loss" for d in domains)
-        + " | mean loss | " + " | ".join(f"{d} score" for d in domains)
-        + " | mean score | train s | tokens/s | peak RSS GiB |",
     ]
-    lines.append("|---" * lines[-1].count(" | ") + "|---|")
+    header = (["method", "trainable params", "% of model"] + [f"{d} loss" for d in domains]
+              + ["mean loss"])
+    if preset["task_seeds"]:
+        header += [f"{d} score" for d in domains] + ["mean score"]
+    header += ["head cos sim", "domain spread", "train s", "tokens/s", "peak RSS GiB"]
+    lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     plot_names, plot_means, plot_sds = [], [], []
     for name, r in rows.items():
         sums, evals = r["summaries"], r["evals"]
@@ -198,55 +246,71 @@ def write_report(rows: dict, args, preset: dict, seeds: list[int], wall: float) 
             losses = {d: [s["eval"]["fine-tuned"][d]["loss"] for s in sums] for d in domains + ["mean"]}
             params = sums[0]["trainable_params"]
             share = 100 * sums[0]["trainable_share"]
-            train_s = fmt([s["train_seconds"] for s in sums], 0)
-            tps = fmt([s["tokens_per_second"] for s in sums], 0)
-            mem = fmt([s["peak_memory_mb"] / 1024 for s in sums], 2)
+            extra = [fmt([s["diversity"]["head_cos_sim"] for s in sums if "head_cos_sim" in s.get("diversity", {})]),
+                     fmt([s["diversity"]["domain_gate_spread"] for s in sums
+                          if "domain_gate_spread" in s.get("diversity", {})]),
+                     fmt([s["train_seconds"] for s in sums], 0),
+                     fmt([s["tokens_per_second"] for s in sums], 0),
+                     fmt([s["peak_memory_mb"] / 1024 for s in sums], 2)]
         else:
             losses = {d: [e["loss"][d]["loss"] for e in evals] for d in domains + ["mean"]}
-            params, share, train_s, tps, mem = 0, 0.0, "-", "-", "-"
-        scores = {d: [e["tasks"][d]["score"] for e in evals if d in e.get("tasks", {})] for d in domains + ["mean"]}
-        lines.append(
-            f"| {LABELS[name]} | {params:,} | {share:.3f} | "
-            + " | ".join(fmt(losses[d]) for d in domains) + f" | **{fmt(losses['mean'])}** | "
-            + " | ".join(fmt(scores[d]) for d in domains) + f" | {fmt(scores['mean'])} | "
-            + f"{train_s} | {tps} | {mem} |"
-        )
-        m, s = mean_sd(losses["mean"])
+            params, share, extra = 0, 0.0, ["-"] * 5
+        cells = [LABELS[name], f"{params:,}", f"{share:.3f}"] + [fmt(losses[d]) for d in domains]
+        cells.append(f"**{fmt(losses['mean'])}**")
+        if preset["task_seeds"]:
+            scores = {d: [e["tasks"][d]["score"] for e in evals if d in e.get("tasks", {})]
+                      for d in domains + ["mean"]}
+            cells += [fmt(scores[d]) for d in domains] + [fmt(scores["mean"])]
+        lines.append("| " + " | ".join(cells + extra) + " |")
+        m, sd = mean_sd(losses["mean"])
         plot_names.append(LABELS[name])
         plot_means.append(m)
-        plot_sds.append(s)
+        plot_sds.append(sd)
         r["mean_loss"] = losses["mean"]
         r["params"] = params
-    lines += ["", verdict(rows), ""]
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    png = out.with_suffix(".png")
+    lines += ["", verdict(rows), "", f"![mean held-out loss]({png.name})", ""]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(plot_names) + 1.2))
     ax.barh(plot_names[::-1], plot_means[::-1], xerr=plot_sds[::-1], color="tab:blue", alpha=0.8)
     ax.set_xlabel("mean held-out loss over the 4 domains (lower is better)")
-    if any(m == m for m in plot_means):
-        finite = [m for m in plot_means if m == m]
-        ax.set_xlim(min(finite) * 0.9, max(finite) * 1.05)
+    finite = [m for m in plot_means if m == m]
+    if finite:
+        ax.set_xlim(min(finite) * 0.95, max(finite) * 1.03)
+    ax.set_title(f"{section}: mean ± sd over seeds {seeds}")
     fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
-    lines += [f"![mean held-out loss]({png.name})", ""]
-    previous = out.read_text() if out.exists() else ""
-    marker = "<!-- notes -->"
-    notes = previous[previous.index(marker):] if marker in previous else marker + "\n"
-    out.write_text("\n".join(lines) + "\n" + notes)
-    print("\n".join(lines))
+    text = "\n".join(lines)
+    replace_section(out, section, text)
+    print(text)
+
+
+SECTION_TITLES = {"main": "HydraLoRA against LoRA, LoRA-Split and the ablations",
+                  "heads": "Head diversity: options that give the heads a reason to differ"}
+
+
+def replace_section(path: Path, name: str, text: str) -> None:
+    """Put `text` between this section's markers in `path`, keeping everything else."""
+    begin, end = f"<!-- section:{name} -->", f"<!-- /section:{name} -->"
+    block = f"{begin}\n{text}\n{end}"
+    old = path.read_text() if path.exists() else "# Results\n\n"
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    path.write_text(new)
 
 
 def verdict(rows: dict) -> str:
     """Sentences comparing HydraLoRA with each baseline on the mean held-out loss."""
     if "hydra-auto" not in rows or not rows["hydra-auto"]["summaries"]:
         return ""
+    if len(rows["hydra-auto"]["mean_loss"]) < 2:
+        return "(one seed: no spread to compare against)"
     hm, hs = mean_sd(rows["hydra-auto"]["mean_loss"])
     out = [f"HydraLoRA r=8 (auto k, {rows['hydra-auto']['params']:,} parameters): mean held-out "
            f"loss {hm:.3f} ± {hs:.3f}."]
-    for name in ("lora-r8", "lora-r16", "lora-r32", "lora-split-4x8", "hydra-uniform",
-                 "hydra-no-shared-a", "hydra-one-head"):
-        if name not in rows or not rows[name]["summaries"]:
+    for name in rows:
+        if name == "hydra-auto" or not rows[name]["summaries"]:
             continue
         m, s = mean_sd(rows[name]["mean_loss"])
         gap = m - hm

@@ -288,3 +288,23 @@ def test_conv1d_base():
 def test_wraps_only_linear():
     with pytest.raises(TypeError, match="nn.Linear"):
         HydraLoraLinear(nn.Embedding(4, 4), HydraLoraConfig())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"init_heads": "random"},
+        {"init_heads": "random", "router_init": "zero"},
+        {"head_dropout": 0.3},
+        {"router_temperature": 0.3},
+        {"balance_loss_weight": 0.05},
+        {"router_input": "a"},
+        {"router_input": "a", "init_heads": "random"},
+    ],
+)
+def test_every_head_diversity_option_starts_at_the_base_model(options):
+    """Training mode, dropout on: the first forward equals the frozen layer exactly."""
+    layer = make_layer(randomize=False, dropout=0.1, num_heads=4, **options)
+    layer.train()
+    x = torch.randn(6, 24)
+    assert torch.equal(layer(x), layer.base(x))

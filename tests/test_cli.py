@@ -76,6 +76,15 @@ def test_refuses_to_overwrite_without_flag(tiny_model_dir, tiny_data, tmp_path, 
     assert (out / "adapter_model.safetensors").read_bytes() == before
     assert main(train_args(tiny_model_dir, tiny_data, out, "--overwrite", "--seed", "2")) == 0
     assert (out / "adapter_model.safetensors").read_bytes() != before
+    # overwriting with another kind removes the old kind's files and the old checkpoints
+    assert main(train_args(tiny_model_dir, tiny_data, out, "--overwrite", "--method", "lora-split",
+                           "--num-heads", "2", "--save-steps", "0")) == 0
+    assert (out / "lora_split.json").exists() and not (out / "adapter_config.json").exists()
+    assert not list((out / "checkpoints").glob("checkpoint-*"))  # the old run's are gone
+    assert main(train_args(tiny_model_dir, tiny_data, out, "--overwrite", "--save-steps", "0")) == 0
+    assert (out / "adapter_config.json").exists() and not (out / "lora_split.json").exists()
+    assert not list(out.glob("cluster_*"))
+    assert oct((out / "adapter_model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~0o022)
 
 
 def test_lora_baseline_in_peft_format(tiny_model_dir, tiny_data, tmp_path, capsys):

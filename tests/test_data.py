@@ -127,6 +127,18 @@ def test_collator_pads_and_masks():
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
 
 
+def test_builtin_test_split_never_overlaps_any_train_split():
+    from hydralora.mixtures import MixtureError, builtin_mixture
+
+    _, test_small = builtin_mixture(train_per_domain=5, test_per_domain=8)
+    train_big, test_big = builtin_mixture(train_per_domain=100, test_per_domain=40)
+    train_prompts = {r["prompt"] for r in train_big}
+    assert not train_prompts & {r["prompt"] for r in test_small + test_big}
+    assert {r["prompt"] for r in test_small} <= {r["prompt"] for r in test_big}
+    with pytest.raises(MixtureError, match="exceeds the held-out reserve"):
+        builtin_mixture(test_per_domain=41)
+
+
 def test_builtin_mixture_split_is_fixed_and_disjoint():
     from hydralora.mixtures import DOMAINS, builtin_mixture
 

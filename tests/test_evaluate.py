@@ -21,6 +21,7 @@ def test_number_metric():
     assert final_number("so 3 + 4 = 7\n#### 1,234") == "1234"
     assert final_number("the answer is 12.") == "12"
     assert final_number("no digits") is None
+    assert final_number("3 apples and 5 pears, total 8.\n#### eight") == "8"  # last number as fallback
     assert same_number("18", "18.0") and not same_number("18", "19")
     assert score("number", "She makes 9 * 2 = 18 dollars.\n#### 18", ex("x", answer="18")) == 1.0
     assert score("number", "#### 17", ex("x", answer="18")) == 0.0
@@ -56,10 +57,15 @@ def test_pass_at_1_in_the_sandbox(generated, expected):
     assert score("pass@1", generated, example, timeout_s=3) == expected
 
 
-def test_code_program_keeps_imports_of_the_prompt():
-    prefix = "from typing import List\n\n\ndef f(x: List[int]) -> int:\n    \"\"\"doc\"\"\"\n"
-    program = code_program("```python\ndef f(x: List[int]) -> int:\n    return 1\n```", {"code_prefix": prefix, "entry_point": "f"})
-    assert program.startswith("from typing import List") and program.count("def f") == 1
+def test_code_program_keeps_the_prompts_imports_and_helpers():
+    prefix = ("from typing import List\n\n\ndef helper(x):\n    return x + 1\n\n\n"
+              "def f(x: List[int]) -> int:\n    \"\"\"doc\"\"\"\n")
+    meta = {"code_prefix": prefix, "entry_point": "f"}
+    for generated in ("```python\ndef f(x: List[int]) -> int:\n    return helper(x[0])\n```",
+                      "    return helper(x[0])\n"):
+        scope: dict = {}
+        exec(code_program(generated, meta), scope)  # trusted test code, not model output
+        assert scope["f"]([4]) == 5
 
 
 def test_unknown_metric_is_a_clear_error():

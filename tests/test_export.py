@@ -124,3 +124,8 @@ def test_domain_gates_and_gate_files(tiny_model_dir, tiny_data, tmp_path, capsys
     assert main(["export", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--output",
                  str(tmp_path / "x"), "--gates", "mean"]) == 2
     assert "needs a calibration file" in capsys.readouterr().err
+    for target in (adapter, tmp_path):  # the adapter itself, or a folder holding it
+        assert main(["export", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--output",
+                     str(target), "--overwrite"]) == 2
+        assert "would replace the adapter" in capsys.readouterr().err
+    assert (adapter / "adapter_model.safetensors").exists()

@@ -180,7 +180,9 @@ def train_domain_loras(model_name: str, data: list[str], output: Path, steps: in
     examples = load_examples(data)
     domains = sorted({e.domain for e in examples if e.domain})
     if len(domains) < 2:
-        raise ValueError("the A/B comparison needs examples of at least two domains in --data")
+        from .config import ConfigError
+
+        raise ConfigError("the A/B comparison needs examples of at least two domains in --data")
     dirs = {}
     for domain in domains:
         subset = output / "per_domain" / f"{domain}.jsonl"
@@ -204,6 +206,11 @@ def run_analyze(model_name: str, adapter: str, data: list[str], output: str,
     from .data import load_examples, tokenize_examples
     from .models import load_model_with_adapter
 
+    from .config import ConfigError
+    from .models import adapter_kind
+
+    if adapter_kind(adapter) != "hydralora":
+        raise ConfigError(f"{adapter}: analyze takes a HydraLoRA adapter (it studies the router)")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model_with_adapter(model_name, adapter)

@@ -1,4 +1,4 @@
-"""The `hydralora` command line: train, generate, data, info, demo.
+"""The `hydralora` command line: train, generate, eval, export, analyze, cluster, data, info, demo.
 
 Errors that come from the user's input (data, config, adapter, model) print one clear message
 and exit with status 2, without a traceback unless --debug is given.
@@ -232,12 +232,9 @@ def add_analyze_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from .analysis import run_analyze
 
-    data = args.data
-    if "builtin" in data:
-        from .mixtures import write_builtin
+    from .mixtures import resolve_builtin
 
-        _, test_file = write_builtin(Path(args.output) / "data")
-        data = [str(test_file) if d == "builtin" else d for d in data]
+    data = resolve_builtin(args.data, Path(args.output) / "data", "test")
     loras = None
     if args.domain_lora:
         bad = [x for x in args.domain_lora if "=" not in x]
@@ -267,14 +264,10 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     from .data import load_examples
     from .model import atomic_write
 
-    out = Path(args.output)
-    files = args.data
-    if "builtin" in files:
-        from .mixtures import write_builtin
+    from .mixtures import resolve_builtin
 
-        train_file, _ = write_builtin(out / "data")
-        files = [str(train_file) if f == "builtin" else f for f in files]
-    examples = load_examples(files)
+    out = Path(args.output)
+    examples = load_examples(resolve_builtin(args.data, out / "data", "train"))
     texts = [e.instruction for e in examples]
     if args.k_max > len(texts):
         raise ConfigError(

@@ -1,6 +1,6 @@
 """HydraLoraConfig: the one source of HydraLoRA defaults, their validation and the JSON form.
 
-Defaults follow the paper and the authors' code (see docs/method.md): rank 8, alpha 16,
+Defaults follow the paper and the authors' code: rank 8, alpha 16,
 dropout 0.05, a dense softmax router on the layer input x, one shared A, no balance loss.
 """
 

@@ -227,7 +227,11 @@ def render_prompt(messages: list[dict[str, str]], tokenizer) -> str:
     """The text a model continues to answer `messages` (the chat template's generation prompt)."""
     if has_chat_template(tokenizer):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    text = "".join(f"{PLAIN_ROLE_HEADERS[m['role']]}{m['content']}\n\n" for m in messages)
+    eos = tokenizer.eos_token or ""
+    text = "".join(
+        f"{PLAIN_ROLE_HEADERS[m['role']]}{m['content']}{eos if m['role'] == 'assistant' else ''}\n\n"
+        for m in messages
+    )
     return text + PLAIN_ROLE_HEADERS["assistant"]
 
 

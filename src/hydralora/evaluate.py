@@ -89,12 +89,9 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 def final_number(text: str) -> str | None:
     """The answer of a math solution: the number after '####', else the last number."""
-    tail = text.rsplit("####", 1)[1] if "####" in text else text
-    found = _NUMBER.findall(tail) or _NUMBER.findall(text)
-    if not found:
-        return None
-    value = found[0] if "####" in text else found[-1]
-    return value.replace(",", "").rstrip(".")
+    after = _NUMBER.findall(text.rsplit("####", 1)[1]) if "####" in text else []
+    found = after[:1] or _NUMBER.findall(text)[-1:]
+    return found[0].replace(",", "").rstrip(".") if found else None
 
 
 def same_number(a: str | None, b: str | None) -> bool:
@@ -112,16 +109,16 @@ def normalize_label(text: str) -> str:
 
 
 def code_program(generated: str, meta: dict[str, Any]) -> str:
-    """The program to test: the prompt's code (signature + docstring) followed by the generated
-    body, or the generated code alone when it defines the entry point itself."""
+    """The program to test: the prompt's code (imports, helpers, signature + docstring) followed
+    by the generated body; when the model rewrote the whole function, its definition simply
+    replaces the prompt's docstring-only one, and the prompt's helpers stay available."""
     fenced = re.findall(r"```(?:python)?\n(.*?)(?:```|$)", generated, flags=re.S)
     code = fenced[0] if fenced else generated
+    prefix = meta.get("code_prefix", "")
     entry = meta.get("entry_point", "")
     if entry and re.search(rf"^def {re.escape(entry)}\(", code, flags=re.M):
-        prefix = meta.get("code_prefix", "")
-        imports = "\n".join(l for l in prefix.splitlines() if l.startswith(("import ", "from ")))
-        return f"{imports}\n{code}"
-    return meta.get("code_prefix", "") + code
+        return f"{prefix}\n    pass\n\n{code}"  # the prompt's function gets a body, then is redefined
+    return prefix + code
 
 
 def score(metric: str, generated: str, example, timeout_s: float = 10.0) -> float:
@@ -160,11 +157,18 @@ def task_metrics(model, tokenizer, examples, router=None, batch_size: int = 8,
     caps the per-metric generation length (MAX_NEW_TOKENS)."""
     from .generation import generate
 
+    from .data import DataError
+
     by_metric: dict[str, list] = defaultdict(list)
-    for ex in examples:
+    for ex in examples:  # check every example before any (slow) generation
         metric = metric_of(ex)
-        if metric is not None:
-            by_metric[metric].append(ex)
+        if metric is None:
+            continue
+        if metric not in MAX_NEW_TOKENS:
+            raise DataError(f"{ex.source}: unknown metric {metric!r}; use number, label, pass@1 or rouge-l")
+        if metric == "pass@1" and not {"test", "entry_point"} <= set(ex.meta):
+            raise DataError(f"{ex.source}: pass@1 needs 'test' and 'entry_point' fields")
+        by_metric[metric].append(ex)
     scores: dict[str, list[float]] = defaultdict(list)
     metric_name: dict[str, str] = {}
     outputs = []
@@ -218,17 +222,18 @@ def run_eval(model_name: str, adapter: str | None, data: list[str], output: str 
              name: str | None = None) -> dict[str, Any]:
     """Evaluate a base model or an adapter on held-out files; print a table, optionally save JSON."""
     import json
-    import tempfile
     from pathlib import Path
 
+    from .config import ConfigError
     from .data import load_examples, tokenize_examples
     from .models import load_model_with_adapter
 
     if "builtin" in data:
-        from .mixtures import write_builtin
+        from .mixtures import resolve_builtin
 
-        _, test_file = write_builtin(tempfile.mkdtemp(prefix="hydralora-builtin-"))
-        data = [str(test_file) if d == "builtin" else d for d in data]
+        if not output:
+            raise ConfigError("--data builtin needs --output: the test split is written beside it")
+        data = resolve_builtin(data, Path(output).parent / f"{Path(output).stem}-data", "test")
     examples = load_examples(data)
     if limit:
         seen: dict[str, int] = defaultdict(int)

@@ -114,9 +114,20 @@ def unmerge_all(model: nn.Module) -> None:
             layer.unmerge()
 
 
-def _fresh_dir(output: Path, overwrite: bool) -> Path:
+def check_output(output: Path, overwrite: bool, keep: Path | None = None) -> None:
+    """Refuse an output that exists (unless overwriting), is a file, or would swallow `keep`."""
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"{output} exists and is not a directory")
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise ConfigError(f"{output} exists and is not empty; choose another --output or pass --overwrite")
+    if keep is not None:
+        out, src = output.resolve(), keep.resolve()
+        if out == src or out in src.parents:
+            raise ConfigError(f"--output {output} would replace the adapter {keep} itself")
+
+
+def _fresh_dir(output: Path, overwrite: bool) -> Path:
+    check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
 
@@ -132,7 +143,8 @@ def _move_into_place(tmp: Path, output: Path) -> None:
 
 
 def export_peft_lora(model: nn.Module, gates: dict[str, torch.Tensor], output: str | Path,
-                     base_model_name: str | None = None, overwrite: bool = False) -> Path:
+                     base_model_name: str | None = None, overwrite: bool = False,
+                     report: dict[str, Any] | None = None) -> Path:
     """Write a standard PEFT LoRA directory equal to `model` with fixed `gates`.
 
     Consumes the HydraLoRA layers: `model` becomes a PeftModel-free base model again afterwards
@@ -162,6 +174,7 @@ def export_peft_lora(model: nn.Module, gates: dict[str, torch.Tensor], output: s
             peft_model.peft_config["default"].base_model_name_or_path = base_model_name
         peft_model.save_pretrained(tmp)
         peft_model.unload()
+        _write_report(tmp, report, gates)
         _move_into_place(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -170,28 +183,28 @@ def export_peft_lora(model: nn.Module, gates: dict[str, torch.Tensor], output: s
 
 
 def export_merged(model: nn.Module, gates: dict[str, torch.Tensor], tokenizer, output: str | Path,
-                  overwrite: bool = False) -> Path:
+                  overwrite: bool = False, report: dict[str, Any] | None = None) -> Path:
     """Fold the fixed-gate update into the base weights and save a plain transformers model."""
     output = Path(output)
     tmp = _fresh_dir(output, overwrite)
     try:
-        layers = hydralora_layers(model)
-        with torch.no_grad():
-            for name, layer in layers.items():
-                layer.base.weight.add_(layer.delta_weight(gates[name]))
-                parent_name, _, child = name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                setattr(parent, child, layer.base)
-        for attr in ("hydralora_config", "_hydralora_requires_grad"):
-            if hasattr(model, attr):
-                delattr(model, attr)
+        for name, layer in hydralora_layers(model).items():
+            layer.merge(gates[name])
+        remove_hydralora(model, keep_merged=True)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _write_report(tmp, report, gates)
         _move_into_place(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output
+
+
+def _write_report(folder: Path, report: dict[str, Any] | None, gates: dict[str, torch.Tensor]) -> None:
+    with open(folder / "hydralora_export.json", "w") as f:
+        json.dump({**(report or {}), "gates_per_layer": {n: g.tolist() for n, g in gates.items()}},
+                  f, indent=1)
 
 
 def run_export(model_name: str, adapter: str, output: str, fmt: str, gates_spec: str,
@@ -205,14 +218,13 @@ def run_export(model_name: str, adapter: str, output: str, fmt: str, gates_spec:
         raise ConfigError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if adapter_kind(adapter) != "hydralora":
         raise ConfigError(f"{adapter}: export takes a HydraLoRA adapter (PEFT adapters need no export)")
-    if Path(output).exists() and any(Path(output).iterdir()) and not overwrite:
-        raise ConfigError(f"{output} exists and is not empty; choose another --output or pass --overwrite")
+    check_output(Path(output), overwrite, keep=Path(adapter))
     model, tokenizer = load_model_with_adapter(model_name, adapter)
     features = None
     if data:
         features, _ = tokenize_examples(load_examples(data), tokenizer, max_length, skip_overlong=True)
     gates = resolve_gates(model, gates_spec, features, tokenizer.pad_token_id)
-    report: dict[str, Any] = {"format": fmt, "gates": gates_spec}
+    report: dict[str, Any] = {"format": fmt, "gates": gates_spec, "source_adapter": str(adapter)}
     if features:
         dynamic = domain_losses(model, features, tokenizer.pad_token_id)
         merge_fixed(model, gates)
@@ -225,11 +237,9 @@ def run_export(model_name: str, adapter: str, output: str, fmt: str, gates_spec:
             d, f = dynamic[domain]["loss"], fixed[domain]["loss"]
             print(f"  {domain:>10}: dynamic {d:.4f}  fixed {f:.4f}  ({f - d:+.4f})")
     if fmt == "peft-lora":
-        export_peft_lora(model, gates, output, base_model_name=model_name, overwrite=overwrite)
+        export_peft_lora(model, gates, output, base_model_name=model_name, overwrite=overwrite,
+                         report=report)
     else:
-        export_merged(model, gates, tokenizer, output, overwrite=overwrite)
-    with open(Path(output) / "hydralora_export.json", "w") as f:
-        json.dump({**report, "source_adapter": str(adapter),
-                   "gates_per_layer": {n: g.tolist() for n, g in gates.items()}}, f, indent=1)
+        export_merged(model, gates, tokenizer, output, overwrite=overwrite, report=report)
     print(f"wrote {fmt} export to {output}")
     return report

@@ -21,6 +21,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .model import atomic_write
+
 DOMAINS = ("math", "code", "topic", "headline")
 METRICS = {"math": "number", "code": "pass@1", "topic": "label", "headline": "rouge-l"}
 PACKAGES = {
@@ -32,6 +34,9 @@ PACKAGES = {
 BBC_LABELS = {"business": "business", "entertainment": "entertainment", "politics": "politics",
               "sports": "sport", "tech": "tech"}
 ARTICLE_CHARS = 400  # the article text shown in a prompt, cut at a word boundary
+# The first RESERVED_TEST examples of each shuffled domain are the only ones a test split may
+# use, and training starts after them: any test size is disjoint from any train size.
+RESERVED_TEST = {"math": 300, "code": 40, "topic": 200, "headline": 200}
 
 
 class MixtureError(RuntimeError):
@@ -85,13 +90,16 @@ def code_records() -> list[dict[str, Any]]:
 
 
 def bbc_articles() -> list[tuple[str, str, str]]:
-    """(label, headline, body) for every BBC News article, in a stable order."""
+    """(label, headline, body) for every distinct BBC News article, in a stable order."""
     root = _package_dir("topic") / "bbcnews" / "data"
-    articles = []
+    articles, seen = [], set()
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         for file in sorted(folder.glob("*.txt")):
             text = file.read_text(encoding="utf-8", errors="ignore").strip()
             headline, _, body = text.partition("\n")
+            if body in seen:  # the corpus holds ~100 duplicated articles
+                continue
+            seen.add(body)
             articles.append((BBC_LABELS.get(folder.name, folder.name), headline.strip(), body))
     return articles
 
@@ -119,14 +127,19 @@ def builtin_mixture(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train, test) records of the built-in mixture; the same arguments give the same split.
 
-    A domain with fewer examples than asked (HumanEval has 164) gives what it has after the
-    test part is set aside.
+    The test split is drawn from a reserve at the head of each shuffled domain and training
+    starts after the reserve, so the splits never overlap whatever sizes are asked. A domain
+    with fewer examples than asked (HumanEval: 124 after its reserve of 40) gives what it has.
     """
     unknown = [d for d in domains if d not in DOMAINS]
     if unknown:
         raise MixtureError(f"unknown built-in domain(s) {unknown}; choose from {DOMAINS}")
     if train_per_domain < 1 or test_per_domain < 0:
         raise MixtureError("train_per_domain must be >= 1 and test_per_domain >= 0")
+    too_big = {d: RESERVED_TEST[d] for d in domains if test_per_domain > RESERVED_TEST[d]}
+    if too_big:
+        raise MixtureError(f"test_per_domain={test_per_domain} exceeds the held-out reserve of "
+                           f"{too_big}; ask for at most {min(too_big.values())}")
     pools: dict[str, list[dict[str, Any]]] = {}
     if "math" in domains:
         pools["math"] = math_records()
@@ -144,10 +157,21 @@ def builtin_mixture(
         random.Random(f"{seed}-{domain}").shuffle(pool)
         for record in pool:
             record.update(domain=domain, metric=METRICS[domain])
+        reserve = RESERVED_TEST[domain]
         test.extend(pool[:test_per_domain])
-        train.extend(pool[test_per_domain : test_per_domain + train_per_domain])
+        train.extend(pool[reserve : reserve + train_per_domain])
     random.Random(seed).shuffle(train)  # mixed order, as a real multi-domain corpus
     return train, test
+
+
+def resolve_builtin(paths: list[str], directory: str | Path, split: str, **kwargs: Any) -> list[str]:
+    """Replace the word 'builtin' in a list of data files by the built-in mixture's `split`
+    ('train' or 'test') file, written into `directory`."""
+    if "builtin" not in paths:
+        return list(paths)
+    train_file, test_file = write_builtin(directory, **kwargs)
+    chosen = str(train_file if split == "train" else test_file)
+    return [chosen if p == "builtin" else p for p in paths]
 
 
 def write_builtin(output_dir: str | Path, **kwargs: Any) -> tuple[Path, Path]:
@@ -158,10 +182,8 @@ def write_builtin(output_dir: str | Path, **kwargs: Any) -> tuple[Path, Path]:
     paths = []
     for name, records in (("train", train), ("test", test)):
         path = out / f"{name}.jsonl"
-        tmp = path.with_suffix(".jsonl.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        tmp.replace(path)
+        with atomic_write(path) as tmp:
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                           encoding="utf-8")
         paths.append(path)
     return paths[0], paths[1]

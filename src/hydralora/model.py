@@ -103,14 +103,19 @@ def add_hydralora(model: nn.Module, config: HydraLoraConfig) -> nn.Module:
     return model
 
 
-def remove_hydralora(model: nn.Module) -> nn.Module:
-    """Put the original modules back (unmerged) and restore every parameter's requires_grad."""
+def remove_hydralora(model: nn.Module, keep_merged: bool = False) -> nn.Module:
+    """Put the original modules back and restore every parameter's requires_grad.
+
+    Merged layers are unmerged first, unless `keep_merged`: then the base layers keep the
+    merged weights (merge-and-unload, for exporting a full model).
+    """
     layers = hydralora_layers(model)
     if not layers:
         raise ConfigError("this model has no HydraLoRA layers to remove")
     for name, layer in layers.items():
-        if layer.merged:
+        if layer.merged and not keep_merged:
             layer.unmerge()
+        layer._original_weight = None
         _set_submodule(model, name, layer.base)
     flags = getattr(model, _FROZEN_ATTR, {})
     for n, p in model.named_parameters():
@@ -229,6 +234,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, overwrite: bool = Tr
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success fsync it and rename it to `target`.
@@ -243,6 +254,7 @@ def atomic_write(target: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -18,6 +18,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from .config import ConfigError
+
 REGEX_CHARS = set("*^$|()[]\\+?")
 
 
@@ -107,21 +109,21 @@ def read_yaml_config(path: str | Path, known: set[str]) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise SystemExit(f"error: config file {path} does not exist") from None
+        raise ConfigError(f"config file {path} does not exist") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f", line {mark.line + 1}" if mark else ""
-        raise SystemExit(f"error: {path}{where}: not valid YAML ({err})") from None
+        raise ConfigError(f"{path}{where}: not valid YAML ({err})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise SystemExit(f"error: {path}: expected a mapping of option: value")
+        raise ConfigError(f"{path}: expected a mapping of option: value")
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in known:
-            raise SystemExit(
-                f"error: {path}: unknown option {key!r}; known options: {', '.join(sorted(known))}"
+            raise ConfigError(
+                f"{path}: unknown option {key!r}; known options: {', '.join(sorted(known))}"
             )
         out[name] = value
     return out

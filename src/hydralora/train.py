@@ -29,7 +29,6 @@ from .evaluate import domain_losses
 from .loss import response_nll
 from .model import (
     CONFIG_NAME,
-    AdapterError,
     add_hydralora,
     atomic_write,
     balance_loss,
@@ -41,7 +40,7 @@ from .model import (
     save_adapter,
     set_token_mask,
 )
-from .routing import collect_router_stats, diversity_report, start_router_stats
+from .routing import collect_router_stats, diversity_report, start_router_stats, stop_router_stats
 
 METHODS = ("hydralora", "lora", "lora-split")
 CHECKPOINTS = "checkpoints"
@@ -136,6 +135,8 @@ class TrainConfig:
             raise TrainingError("give --max-steps > 0 or --epochs > 0")
         if not self.lr > 0:
             raise TrainingError("--lr must be > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise TrainingError("--warmup-ratio must be in [0, 1)")
         if self.split_ranks not in ("budget", "each"):
             raise TrainingError("--split-ranks must be budget or each")
         if self.method == "lora-split" and self.resume:
@@ -365,20 +366,11 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def resolve_data(paths: list[str], cfg: TrainConfig, split: str) -> list[str]:
     """Replace 'builtin' by the built-in mixture's files, written under OUTPUT/data."""
-    if BUILTIN not in paths:
-        return paths
-    from .mixtures import write_builtin
+    from .mixtures import resolve_builtin
 
-    data_dir = Path(cfg.output) / "data"
-    if is_main_process() or not (data_dir / f"{split}.jsonl").exists():
-        train_file, test_file = write_builtin(
-            data_dir, train_per_domain=cfg.builtin_train_per_domain,
-            test_per_domain=cfg.builtin_test_per_domain, seed=0,
-        )
-    else:
-        train_file, test_file = data_dir / "train.jsonl", data_dir / "test.jsonl"
-    chosen = str(train_file if split == "train" else test_file)
-    return [chosen if p == BUILTIN else p for p in paths]
+    return resolve_builtin(paths, Path(cfg.output) / "data", split,
+                           train_per_domain=cfg.builtin_train_per_domain,
+                           test_per_domain=cfg.builtin_test_per_domain)
 
 
 def build_model(cfg: TrainConfig, adapter: HydraLoraConfig, model: nn.Module) -> nn.Module:
@@ -445,6 +437,34 @@ def prepare_output(cfg: TrainConfig) -> Path:
     return output
 
 
+def discard_old_checkpoints(output: Path) -> None:
+    """With --overwrite (and no --resume) the previous run's checkpoints must not be mistaken
+    for this run's: move them aside, then delete them."""
+    import shutil
+
+    folder = output / CHECKPOINTS
+    if folder.exists():
+        aside = output / f".{CHECKPOINTS}.old-{os.getpid()}"
+        os.replace(folder, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+LEFTOVERS = {  # files of the other adapter kinds, removed after a new adapter is saved
+    "hydralora": ["lora_split.json", "cluster_model.json", "cluster_model.safetensors", "cluster_*", "README.md"],
+    "lora": ["lora_split.json", "cluster_model.json", "cluster_model.safetensors", "cluster_*",
+             "router_stats.json"],
+    "lora-split": ["adapter_config.json", "adapter_model.safetensors", "router_stats.json", "README.md"],
+}
+
+
+def remove_leftovers(output: Path, method: str) -> None:
+    import shutil
+
+    for pattern in LEFTOVERS[method]:
+        for path in output.glob(pattern):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def write_yaml(path: Path, values: dict[str, Any]) -> None:
     import yaml
 
@@ -504,6 +524,8 @@ def run_training(cfg: TrainConfig) -> tuple[dict[str, Any], nn.Module, Any]:
         output.mkdir(parents=True, exist_ok=True)
         write_yaml(output / "train_config.yaml", cfg.flat())
     set_seed(cfg.seed)
+    if cfg.overwrite and not cfg.resume and is_main_process():
+        discard_old_checkpoints(output)
     if cfg.method == "lora-split":
         from .baselines import train_lora_split
 
@@ -519,6 +541,7 @@ def run_training(cfg: TrainConfig) -> tuple[dict[str, Any], nn.Module, Any]:
     trainable, total = run["trainable"], run["total"]
     variant = run.get("variant") or variant_name(cfg, adapter)
     stats = collect_router_stats(model) if hydralora_layers(model) else {}
+    stop_router_stats(model)  # no per-forward statistics after training
     if is_main_process():
         if cfg.method == "hydralora":
             save_adapter(model, output)
@@ -527,6 +550,7 @@ def run_training(cfg: TrainConfig) -> tuple[dict[str, Any], nn.Module, Any]:
                     tmp.write_text(json.dumps(stats, indent=1))
         elif cfg.method == "lora":
             save_peft_adapter(model, output)
+        remove_leftovers(output, cfg.method)
     diversity = diversity_report(model, stats) if hydralora_layers(model) else {}
     if eval_features and is_main_process():
         results["fine-tuned"] = domain_losses(model, eval_features, tokenizer.pad_token_id, bf16=use_bf16)
@@ -641,6 +665,7 @@ def fit(
     if interrupt.interrupted_at is not None:
         raise TrainingInterrupted(interrupt.interrupted_at, last_checkpoint(checkpoint_dir.parent))
     bare = trainer.accelerator.unwrap_model(trainer.model)
+    set_token_mask(bare, None)  # the last batch's mask must not apply to later forwards
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return {
         "model": bare,

@@ -26,6 +26,20 @@ class ConfigError(ValueError):
     """A HydraLoRA configuration value is invalid; the message names the key and the fix."""
 
 
+def read_json_object(path: str | Path, missing: str = "no such file") -> dict[str, Any]:
+    """A JSON object from `path`; errors name the file (and line) and what is wrong."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {missing}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}, line {err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
+
+
 @dataclass
 class HydraLoraConfig:
     """Configuration of HydraLoRA adapters: one shared A, `num_heads` B heads, a router.
@@ -156,15 +170,7 @@ class HydraLoraConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> HydraLoraConfig:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no such file (is this an adapter directory?)") from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}, line {err.lineno}: not valid JSON ({err.msg})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object of config keys")
+        data = read_json_object(path, "no such file (is this an adapter directory?)")
         if data.get("peft_type", "HYDRALORA") != "HYDRALORA":
             raise ConfigError(
                 f"{path}: peft_type is {data['peft_type']!r}, not 'HYDRALORA'; "

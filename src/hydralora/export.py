@@ -17,17 +17,19 @@ next to the dynamic one on --data.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .config import ConfigError, read_json_object
 from .model import hydralora_layers, remove_hydralora
 
 FORMATS = ("peft-lora", "merged")
@@ -37,13 +39,9 @@ def gates_from_file(path: str | Path, layers: dict[str, nn.Module]) -> dict[str,
     """Read and validate a gates JSON file; every problem is reported with the key."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = read_json_object(path)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such gates file") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}, line {err.lineno}: not valid JSON ({err.msg})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected an object {{layer path: [gates]}}")
     unknown = sorted(set(data) - set(layers) - {"*"})
     if unknown:
         raise ConfigError(f"{path}: unknown layer(s) {unknown[:5]}; layers are e.g. {sorted(layers)[:3]}")
@@ -126,20 +124,25 @@ def check_output(output: Path, overwrite: bool, keep: Path | None = None) -> Non
             raise ConfigError(f"--output {output} would replace the adapter {keep} itself")
 
 
-def _fresh_dir(output: Path, overwrite: bool) -> Path:
+@contextlib.contextmanager
+def staged_output(output: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `output` by renames, on
+    failure it is removed and `output` is untouched."""
     check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-
-
-def _move_into_place(tmp: Path, output: Path) -> None:
-    if output.exists():
-        backup = output.with_name(f".{output.name}.old-{os.getpid()}")
-        os.replace(output, backup)
-        os.replace(tmp, output)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(tmp, output)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        yield tmp
+        if output.exists():
+            backup = output.with_name(f".{output.name}.old-{os.getpid()}")
+            os.replace(output, backup)
+            os.replace(tmp, output)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def export_peft_lora(model: nn.Module, gates: dict[str, torch.Tensor], output: str | Path,
@@ -158,8 +161,7 @@ def export_peft_lora(model: nn.Module, gates: dict[str, torch.Tensor], output: s
     rank = cfg.r if cfg.shared_a else cfg.r * cfg.num_heads
     scaling = cfg.scaling
     output = Path(output)
-    tmp = _fresh_dir(output, overwrite)
-    try:
+    with staged_output(output, overwrite) as tmp:
         remove_hydralora(model)
         lora = LoraConfig(r=rank, lora_alpha=scaling * rank, lora_dropout=0.0,
                           target_modules=sorted(layers), bias="none", task_type="CAUSAL_LM",
@@ -175,10 +177,6 @@ def export_peft_lora(model: nn.Module, gates: dict[str, torch.Tensor], output: s
         peft_model.save_pretrained(tmp)
         peft_model.unload()
         _write_report(tmp, report, gates)
-        _move_into_place(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output
 
 
@@ -186,18 +184,13 @@ def export_merged(model: nn.Module, gates: dict[str, torch.Tensor], tokenizer, o
                   overwrite: bool = False, report: dict[str, Any] | None = None) -> Path:
     """Fold the fixed-gate update into the base weights and save a plain transformers model."""
     output = Path(output)
-    tmp = _fresh_dir(output, overwrite)
-    try:
+    with staged_output(output, overwrite) as tmp:
         for name, layer in hydralora_layers(model).items():
             layer.merge(gates[name])
         remove_hydralora(model, keep_merged=True)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _write_report(tmp, report, gates)
-        _move_into_place(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output
 
 

@@ -9,6 +9,11 @@ method (the preset's), no per-method tuning.
     python benchmarks/quality.py --preset reduced          # ~1 h on a 2-core CPU
     python benchmarks/quality.py --preset gpu              # the larger preset for a GPU machine
     python benchmarks/quality.py --preset reduced --variants lora-r8 hydra-auto --seeds 0
+    python benchmarks/quality.py --preset reduced --set heads --no-tasks --jobs 2
+
+--jobs N trains N runs at once, each with cpu_count/N threads: more runs per hour on a small
+CPU, but the time, tokens/s and memory columns then measure runs that share the machine (the
+report says so); use --jobs 1 (the default) for speed figures.
 
 Writes docs/results.md (the table, the command, the machine, the date) and docs/results.png.
 Runs go to runs/quality/<variant>-s<seed>/ and are reused when their summary exists
@@ -25,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
 
@@ -72,6 +78,7 @@ VARIANTS = {
     "lora-r16": ["--method", "lora", "--r", "16"],
     "lora-r32": ["--method", "lora", "--r", "32"],
     "lora-split-4x8": ["--method", "lora-split", "--r", "32", "--num-heads", "4"],
+    "lora-r32-alpha64": ["--method", "lora", "--r", "32", "--alpha", "64"],
     "hydra-auto": ["--method", "hydralora", "--r", "8", "--num-heads", "auto"],
     "hydra-uniform": ["--method", "hydralora", "--r", "8", "--num-heads", "auto", "--router", "uniform"],
     "hydra-no-shared-a": ["--method", "hydralora", "--r", "8", "--num-heads", "auto", "--no-shared-a"],
@@ -90,7 +97,7 @@ VARIANTS = {
 SETS = {
     "main": ["base", "lora-r8", "lora-r16", "lora-r32", "lora-split-4x8", "hydra-auto",
              "hydra-uniform", "hydra-no-shared-a", "hydra-one-head"],
-    "heads": ["lora-r8", "lora-r16", "lora-r32", "hydra-auto", "hydra-random-init",
+    "heads": ["lora-r8", "lora-r16", "lora-r32", "lora-r32-alpha64", "hydra-auto", "hydra-random-init",
               "hydra-random-init-zero-router", "hydra-head-dropout", "hydra-temperature",
               "hydra-balance", "hydra-route-a", "hydra-router-lr10", "hydra-r11"],
 }
@@ -99,6 +106,7 @@ LABELS = {
     "lora-r8": "LoRA r=8",
     "lora-r16": "LoRA r=16",
     "lora-r32": "LoRA r=32",
+    "lora-r32-alpha64": "LoRA r=32, alpha 64 (scaling 2 like r=8)",
     "lora-split-4x8": "LoRA-Split 4 x r=8",
     "hydra-auto": "HydraLoRA r=8, auto k",
     "hydra-uniform": "w/o gate (uniform router)",
@@ -119,10 +127,16 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "hydralora", *args]
 
 
+THREADS: int | None = None  # torch threads per subprocess when runs share the machine (--jobs)
+
+
 def run(cmd: list[str], log: Path) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if THREADS:
+        env["OMP_NUM_THREADS"] = str(THREADS)
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     if proc.returncode:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\nsee {log}")
 
@@ -174,8 +188,18 @@ def main() -> None:
     parser.add_argument("--root", default="runs/quality")
     parser.add_argument("--output", default="docs/results.md")
     parser.add_argument("--fresh", action="store_true", help="retrain even if a run exists")
+    parser.add_argument("--no-tasks", action="store_true",
+                        help="held-out loss only: skip the generation-based task metrics")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="train this many runs at once (timings then share the machine)")
     args = parser.parse_args()
-    preset = PRESETS[args.preset]
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    global THREADS
+    THREADS = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    preset = dict(PRESETS[args.preset])
+    if args.no_tasks:
+        preset["task_seeds"] = []
     seeds = args.seeds or preset["seeds"]
     root = Path(args.root) / args.preset
     started = time.time()
@@ -183,14 +207,15 @@ def main() -> None:
     test_file = None
     args.explicit = bool(args.variants)
     args.variants = args.variants or SETS[args.set]
+    jobs = [(name, seed) for name in args.variants if VARIANTS[name] is not None for seed in seeds]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        summaries = dict(zip(jobs, pool.map(
+            lambda job: train_variant(job[0], job[1], preset, root, args.fresh), jobs)))
     for name in args.variants:
-        rows[name] = {"summaries": [], "evals": []}
-        if VARIANTS[name] is None:
-            continue
-        for seed in seeds:
-            summary = train_variant(name, seed, preset, root, args.fresh)
-            rows[name]["summaries"].append(summary)
-            test_file = test_file or root / f"{name}-s{seed}" / "data" / "test.jsonl"
+        done = [seed for seed in seeds if (name, seed) in summaries]
+        rows[name] = {"summaries": [summaries[(name, seed)] for seed in done], "seeds": done, "evals": []}
+    if jobs:
+        test_file = root / f"{jobs[0][0]}-s{jobs[0][1]}" / "data" / "test.jsonl"
     if test_file is None:
         raise SystemExit("train at least one variant: the held-out split is written by training")
     for name in args.variants:
@@ -218,9 +243,12 @@ def write_report(rows: dict, args, preset: dict, seeds: list[int], wall: float) 
         "",
         f"Made by `python benchmarks/quality.py --preset {args.preset} "
         + (f"--variants {' '.join(args.variants)}" if args.explicit else f"--set {args.set}")
+        + (" --no-tasks" if args.no_tasks else "") + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
         + f"` on {date.today()} ({platform.machine()}, {os.cpu_count()} CPU cores, torch "
         f"{torch.__version__}, no GPU); {wall / 60:.0f} min of work in the last invocation "
-        "(runs found on disk are reused and cost nothing).",
+        "(runs found on disk are reused and cost nothing)"
+        + (f"; {args.jobs} runs trained at once, so the time, tokens/s and memory columns "
+           "measure runs sharing the machine." if args.jobs > 1 else "."),
         "",
         f"Setup: SmolLM2-135M-Instruct, the built-in mixture (train/test split fixed), targets "
         f"gate/up/down_proj, training options `{' '.join(preset['train'])}` for every method; "
@@ -300,27 +328,49 @@ def replace_section(path: Path, name: str, text: str) -> None:
     path.write_text(new)
 
 
+def paired(rows: dict, name: str, ref: str) -> list[float]:
+    """Per-seed differences ref - name of the mean held-out loss (positive: `name` is lower).
+    The same seed means the same data order, so these differences cancel the order's effect."""
+    a = dict(zip(rows[name]["seeds"], rows[name]["mean_loss"]))
+    b = dict(zip(rows[ref]["seeds"], rows[ref]["mean_loss"]))
+    return [b[seed] - a[seed] for seed in sorted(a) if seed in b]
+
+
 def verdict(rows: dict) -> str:
-    """Sentences comparing HydraLoRA with each baseline on the mean held-out loss."""
-    if "hydra-auto" not in rows or not rows["hydra-auto"]["summaries"]:
-        return ""
-    if len(rows["hydra-auto"]["mean_loss"]) < 2:
-        return "(one seed: no spread to compare against)"
-    hm, hs = mean_sd(rows["hydra-auto"]["mean_loss"])
-    out = [f"HydraLoRA r=8 (auto k, {rows['hydra-auto']['params']:,} parameters): mean held-out "
-           f"loss {hm:.3f} ± {hs:.3f}."]
-    for name in rows:
-        if name == "hydra-auto" or not rows[name]["summaries"]:
-            continue
-        m, s = mean_sd(rows[name]["mean_loss"])
-        gap = m - hm
-        spread = max(hs, s)
-        if abs(gap) <= spread:
-            word = "within the seed spread of"
-        else:
-            word = "better than" if gap > 0 else "worse than"
-        out.append(f"- vs {LABELS[name]} ({rows[name]['params']:,} parameters, {m:.3f} ± {s:.3f}): "
-                   f"HydraLoRA is {word} it (difference {gap:+.3f}).")
+    """Sentences comparing HydraLoRA with each baseline on the mean held-out loss, and a table of
+    differences paired by seed for every HydraLoRA row against the LoRA rows."""
+    out = []
+    if "hydra-auto" in rows and len(rows["hydra-auto"]["summaries"]) >= 2:
+        hm, hs = mean_sd(rows["hydra-auto"]["mean_loss"])
+        out.append(f"HydraLoRA r=8 (auto k, {rows['hydra-auto']['params']:,} parameters): mean held-out "
+                   f"loss {hm:.3f} ± {hs:.3f}.")
+        for name in rows:
+            if name == "hydra-auto" or not rows[name]["summaries"]:
+                continue
+            m, s = mean_sd(rows[name]["mean_loss"])
+            gap = m - hm
+            word = ("within the seed spread of" if abs(gap) <= max(hs, s)
+                    else "better than" if gap > 0 else "worse than")
+            diffs = paired(rows, "hydra-auto", name)
+            same = ("lower on every seed" if diffs and all(d > 0 for d in diffs)
+                    else "higher on every seed" if diffs and all(d < 0 for d in diffs) else "mixed across seeds")
+            out.append(f"- vs {LABELS[name]} ({rows[name]['params']:,} parameters, {m:.3f} ± {s:.3f}): "
+                       f"HydraLoRA is {word} it (difference {gap:+.3f}; paired by seed "
+                       f"{', '.join(f'{d:+.3f}' for d in diffs)}: HydraLoRA's loss {same}).")
+    refs = [r for r in ("lora-r8", "lora-r16", "lora-r32", "lora-r32-alpha64") if r in rows and rows[r]["summaries"]]
+    hydras = [n for n in rows if n.startswith("hydra") and rows[n]["summaries"]]
+    if refs and hydras:
+        out += ["", "Loss below each LoRA, paired by seed (LoRA's loss minus this row's; positive = "
+                "this row is better; one value per seed):", "",
+                "| method | params | " + " | ".join(f"vs {LABELS[r]}" for r in refs) + " |",
+                "|---|---|" + "---|" * len(refs)]
+        for n in hydras:
+            cells = []
+            for r in refs:
+                d = paired(rows, n, r)
+                mark = " (better on every seed)" if d and all(x > 0 for x in d) else ""
+                cells.append(", ".join(f"{x:+.4f}" for x in d) + mark)
+            out.append(f"| {LABELS[n]} | {rows[n]['params']:,} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 

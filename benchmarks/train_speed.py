@@ -7,9 +7,11 @@ token batches of the same shape for every variant, with the same target modules.
 
     python benchmarks/train_speed.py                          # HydraLoRA k=4 r=8 vs LoRA r=8
     python benchmarks/train_speed.py --variants lora:8 lora:16 lora:32 hydra:8:4 --rounds 3
+    python benchmarks/train_speed.py --variants lora:8 lora:16 lora:32 split:32:4 hydra:8:4  # Fig. 5
     python benchmarks/train_speed.py --precision bf16         # bf16 autocast
 
-Variant syntax: lora:R, hydra:R:K. Printed: median step seconds, peak RSS (whole process) and
+Variant syntax: lora:R, hydra:R:K, split:R:K (LoRA-Split as `--method lora-split` trains it: K
+PEFT LoRAs of rank R/K in one model, one active and trained per step, here in turn). Printed: median step seconds, peak RSS (whole process) and
 the training overhead above the loaded model (peak RSS minus RSS before the first step), each
 also as a ratio to the first variant.
 """
@@ -45,14 +47,29 @@ def measure(variant: str, args: dict, queue: mp.Queue) -> None:
     if kind == "hydra":
         r, k = int(nums[0]), int(nums[1])
         add_hydralora(model, HydraLoraConfig(r=r, alpha=2 * r, num_heads=k, target_modules=targets))
-    else:
+    elif kind == "lora":
         from peft import LoraConfig, get_peft_model
 
         r = int(nums[0])
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05,
                                                  target_modules=targets))
+    elif kind == "split":
+        from peft import LoraConfig, get_peft_model
+
+        r, k = int(nums[0]), int(nums[1])
+        lora = LoraConfig(r=r // k, lora_alpha=2 * (r // k), lora_dropout=0.05, target_modules=targets)
+        model = get_peft_model(model, lora, adapter_name="cluster_0")
+        for i in range(1, k):
+            model.add_adapter(f"cluster_{i}", lora)
+    else:
+        raise SystemExit(f"unknown variant {variant!r}: use lora:R, hydra:R:K or split:R:K")
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    if kind == "split":  # every adapter's parameters are trainable across the run
+        params = [p for n, p in model.named_parameters() if "lora_" in n]
+        for p in params:
+            p.requires_grad_(True)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (args["batch"], args["seq"]), generator=gen)
@@ -60,6 +77,8 @@ def measure(variant: str, args: dict, queue: mp.Queue) -> None:
     start_rss = rss_mb()
     times = []
     for step in range(args["steps"] + 1):  # the first step warms up
+        if kind == "split":  # one cluster's adapter active and trainable per step
+            model.set_adapter(f"cluster_{step % k}")
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=ids, labels=ids).loss

@@ -76,7 +76,8 @@ def train_lora_split(cfg, adapter: HydraLoraConfig, model: nn.Module, examples, 
     clusters = ClusterModel.fit(instructions, k, seed=cfg.seed)
     label_of = dict(zip((e.source for e in examples), clusters.labels))
     ranks = split_ranks(adapter.r, k, cfg.split_ranks)
-    scaling = adapter.alpha / adapter.r  # every adapter keeps the scaling of the LoRA it splits
+    # Every LoRA of a comparison gets the same alpha, whatever its rank (the authors fix alpha=32):
+    # a cluster's adapter is an ordinary LoRA of its rank, scaled alpha / r_i like any other.
     groups = [[f for f in features if label_of[f["source"]] == i] for i in range(k)]
     sizes = [len(g) for g in groups]
     log(f"LoRA-Split: {k} clusters of {sizes} examples, ranks {ranks}")
@@ -85,7 +86,7 @@ def train_lora_split(cfg, adapter: HydraLoraConfig, model: nn.Module, examples, 
     peft_model = None
     run: dict[str, Any] = {"steps": 0, "tokens": 0, "seconds": 0.0, "train_loss": 0.0}
     for i in range(k):
-        lora = LoraConfig(r=ranks[i], lora_alpha=scaling * ranks[i], lora_dropout=adapter.dropout,
+        lora = LoraConfig(r=ranks[i], lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
                           target_modules=adapter.target_modules, task_type="CAUSAL_LM")
         if peft_model is None:
             peft_model = get_peft_model(model, lora, adapter_name=adapter_name(i))
@@ -108,13 +109,13 @@ def train_lora_split(cfg, adapter: HydraLoraConfig, model: nn.Module, examples, 
     run.update(trainable=trainable, total=total, router=SplitRouter(clusters),
                clusters={"k": k, "sizes": sizes, "ranks": ranks})
     if is_main_process():
-        save_lora_split(peft_model, clusters, output, ranks, sizes, cfg.model, scaling)
+        save_lora_split(peft_model, clusters, output, ranks, sizes, cfg.model, adapter.alpha)
     peft_model.eval()
     return peft_model, run
 
 
 def save_lora_split(peft_model, clusters, output: Path, ranks, sizes, base_model: str,
-                    scaling: float) -> None:
+                    alpha: float) -> None:
     """PEFT's files of every adapter, the cluster model and lora_split.json (written last)."""
     clusters.save(output)
     tmp = Path(tempfile.mkdtemp(prefix=".lora-split-", dir=output))
@@ -128,7 +129,7 @@ def save_lora_split(peft_model, clusters, output: Path, ranks, sizes, base_model
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     meta = {"peft_type": "LORA_SPLIT", "k": len(ranks), "ranks": ranks, "cluster_sizes": sizes,
-            "scaling": scaling, "adapters": [adapter_name(i) for i in range(len(ranks))],
+            "alpha": alpha, "scaling": [alpha / r for r in ranks], "adapters": [adapter_name(i) for i in range(len(ranks))],
             "base_model_name_or_path": base_model}
     with atomic_write(output / SPLIT_FILE) as f:
         f.write_text(json.dumps(meta, indent=2) + "\n")

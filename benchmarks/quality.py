@@ -93,13 +93,25 @@ VARIANTS = {
     "hydra-route-a": ["--method", "hydralora", "--r", "8", "--num-heads", "auto", "--router-input", "a"],
     "hydra-router-lr10": ["--method", "hydralora", "--r", "8", "--num-heads", "auto", "--router-lr-multiplier", "10"],
     "hydra-r11": ["--method", "hydralora", "--r", "11", "--num-heads", "auto"],
+    "hydra-random-init-router-lr10": ["--method", "hydralora", "--r", "8", "--num-heads", "auto",
+                                      "--init-heads", "random", "--router-lr-multiplier", "10"],
+    # control: is random init's gain the heads' or the initialization's? (k = 1: a LoRA, A = 0)
+    "hydra-one-head-random-init": ["--method", "hydralora", "--r", "8", "--num-heads", "1",
+                                   "--init-heads", "random"],
 }
 SETS = {
     "main": ["base", "lora-r8", "lora-r16", "lora-r32", "lora-split-4x8", "hydra-auto",
              "hydra-uniform", "hydra-no-shared-a", "hydra-one-head"],
-    "heads": ["lora-r8", "lora-r16", "lora-r32", "lora-r32-alpha64", "hydra-auto", "hydra-random-init",
-              "hydra-random-init-zero-router", "hydra-head-dropout", "hydra-temperature",
-              "hydra-balance", "hydra-route-a", "hydra-router-lr10", "hydra-r11"],
+    # head diversity (issue 8): every option once (seed 0) against the LoRAs, then the best
+    # options with every seed, at the reduced budget and at three times it
+    "heads-screen": ["lora-r8", "lora-r16", "lora-r32", "lora-r32-alpha64", "hydra-auto",
+                     "hydra-random-init", "hydra-r11", "hydra-router-lr10", "hydra-temperature",
+                     "hydra-head-dropout", "hydra-balance", "hydra-route-a",
+                     "hydra-random-init-zero-router", "hydra-random-init-router-lr10",
+                     "hydra-one-head-random-init"],
+    "heads": ["lora-r8", "lora-r16", "lora-r32", "lora-r32-alpha64", "hydra-auto",
+              "hydra-router-lr10", "hydra-random-init", "hydra-random-init-router-lr10",
+              "hydra-one-head-random-init"],
 }
 LABELS = {
     "base": "base model (no training)",
@@ -120,6 +132,8 @@ LABELS = {
     "hydra-route-a": "HydraLoRA, routing on A x",
     "hydra-router-lr10": "HydraLoRA, router lr x10",
     "hydra-r11": "HydraLoRA r=11 (LoRA r=32 budget)",
+    "hydra-random-init-router-lr10": "HydraLoRA, random heads + router lr x10",
+    "hydra-one-head-random-init": "control: one head, A = 0, B random (a LoRA)",
 }
 
 
@@ -183,7 +197,8 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="reduced")
     parser.add_argument("--set", choices=sorted(SETS), default="main",
                         help="main: the methods and ablations; heads: the head-diversity study")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="instead of --set")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                        help="run these rows instead of the whole set (the report goes to the set's section)")
     parser.add_argument("--seeds", nargs="+", type=int)
     parser.add_argument("--root", default="runs/quality")
     parser.add_argument("--output", default="docs/results.md")
@@ -235,14 +250,14 @@ def write_report(rows: dict, args, preset: dict, seeds: list[int], wall: float) 
     import torch
 
     domains = ["math", "code", "topic", "headline"]
-    section = f"{args.set if not args.explicit else 'custom'}-{args.preset}"
+    section = f"{args.set}-{args.preset}"  # --variants picks rows within the set's section
     out = Path(args.output)
     png = out.with_name(f"{out.stem}-{section}.png")
     lines = [
-        f"## {SECTION_TITLES.get(args.set, 'Custom comparison')}: preset `{args.preset}`",
+        f"## {SECTION_TITLES[args.set]}: preset `{args.preset}`",
         "",
         f"Made by `python benchmarks/quality.py --preset {args.preset} "
-        + (f"--variants {' '.join(args.variants)}" if args.explicit else f"--set {args.set}")
+        + f"--set {args.set}" + (f" --variants {' '.join(args.variants)}" if args.explicit else "")
         + (" --no-tasks" if args.no_tasks else "") + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
         + f"` on {date.today()} ({platform.machine()}, {os.cpu_count()} CPU cores, torch "
         f"{torch.__version__}, no GPU); {wall / 60:.0f} min of work in the last invocation "
@@ -313,6 +328,7 @@ def write_report(rows: dict, args, preset: dict, seeds: list[int], wall: float) 
 
 
 SECTION_TITLES = {"main": "HydraLoRA against LoRA, LoRA-Split and the ablations",
+                  "heads-screen": "Head diversity, screening: every option on one seed",
                   "heads": "Head diversity: options that give the heads a reason to differ"}
 
 

@@ -27,7 +27,7 @@ def test_train_writes_adapter_summary_and_config(tiny_model_dir, tiny_data, tmp_
     out = tmp_path / "run"
     assert main(train_args(tiny_model_dir, tiny_data, out)) == 0
     printed = capsys.readouterr().out
-    assert "== HydraLoRA r=4, k=3 on" in printed and "tokens/s" in printed and "final loss" in printed
+    assert "== HydraLoRA r=4, k=3, random head init on" in printed and "tokens/s" in printed and "final loss" in printed
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["num_heads"] == 3
@@ -150,3 +150,26 @@ def test_data_builtin_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "train.jsonl: 20 records (code 5, headline 5, math 5, topic 5)" in out
     assert len((tmp_path / "test.jsonl").read_text().splitlines()) == 8
+
+
+def test_train_defaults_are_the_recommended_settings(tmp_path):
+    """`hydralora train` uses TRAIN_ADAPTER_DEFAULTS over the paper's HydraLoraConfig defaults;
+    a flag or a YAML key given by the user wins."""
+    from hydralora.cli import build_parser, train_config_from_args
+    from hydralora.config import TRAIN_ADAPTER_DEFAULTS, HydraLoraConfig
+    from hydralora.train import TrainConfig, adapter_config
+
+    assert TRAIN_ADAPTER_DEFAULTS  # the study found settings better than the paper's
+    paper = HydraLoraConfig()
+    base = ["train", "--data", "x.jsonl", "--output", str(tmp_path / "o")]
+    cfg = train_config_from_args(build_parser().parse_args(base))
+    chosen = adapter_config(cfg)
+    for key, value in TRAIN_ADAPTER_DEFAULTS.items():
+        assert getattr(chosen, key) == value != getattr(paper, key)
+    assert adapter_config(TrainConfig(data=["x"], output="o")).init_heads == chosen.init_heads
+    flag = train_config_from_args(build_parser().parse_args(base + ["--init-heads", "zero"]))
+    assert adapter_config(flag).init_heads == "zero"
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("init_heads: zero\n")
+    from_yaml = train_config_from_args(build_parser().parse_args(base + ["--config", str(yaml_file)]))
+    assert adapter_config(from_yaml).init_heads == "zero"

@@ -68,12 +68,20 @@ def test_sigint_saves_a_checkpoint_and_resumes(tiny_model_dir, data8, tmp_path):
     straight = tmp_path / "straight"
     assert main(train_cmd(tiny_model_dir, data8, straight)) == 0
     out = tmp_path / "interrupted"
-    proc = spawn(train_cmd(tiny_model_dir, data8, out, 8, "--save-steps", "100"),
-                 HYDRALORA_STEP_DELAY="0.5")
-    wait_for(out / "checkpoints", proc)  # the Trainer is running
-    time.sleep(1.5)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as f:  # a file, not a pipe: the test reads the progress bar while it runs
+        proc = subprocess.Popen([sys.executable, "-m", "hydralora", *train_cmd(tiny_model_dir, data8, out, 8,
+                                                                               "--save-steps", "100")],
+                                stdout=subprocess.DEVNULL, stderr=f, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "HYDRALORA_STEP_DELAY": "0.5"})
+        start = time.time()
+        while "| 1/8 [" not in log.read_text():  # the first optimizer step is done
+            assert proc.poll() is None, log.read_text()[-2000:]
+            assert time.time() - start < 300, "training never started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    err = log.read_text()
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted at step" in err and "--resume" in err and "Traceback" not in err
     ckpts = [p for p in (out / "checkpoints").glob("checkpoint-*") if (p / ".complete").exists()]

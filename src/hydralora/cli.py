@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, HydraLoraConfig
+from .config import TRAIN_ADAPTER_DEFAULTS, ConfigError, HydraLoraConfig
 from .options import (
     add_dataclass_flags,
     known_fields,
@@ -55,7 +55,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     add_dataclass_flags(p, TrainConfig, skip=("adapter",))
     # --adapter-rank: torchrun's own parser mistakes a bare --r for its --rdzv-* options
     add_dataclass_flags(p, HydraLoraConfig, skip=ADAPTER_SKIP, types_override={"num_heads": int_or_auto},
-                        aliases={"r": ["--adapter-rank"]})
+                        aliases={"r": ["--adapter-rank"]}, defaults=TRAIN_ADAPTER_DEFAULTS)
     p.set_defaults(func=cmd_train)
 
 
@@ -76,6 +76,7 @@ def train_config_from_args(args: argparse.Namespace):
     if isinstance(values.get("bf16"), bool):
         values["bf16"] = str(values["bf16"]).lower()
     run, adapter = split_fields(values, TrainConfig, HydraLoraConfig)
+    adapter = {**TRAIN_ADAPTER_DEFAULTS, **adapter}
     num_heads = adapter.get("num_heads")
     if num_heads != "auto":  # validate adapter settings before any slow work
         HydraLoraConfig(**adapter)

@@ -177,3 +177,8 @@ class HydraLoraConfig:
                 "load a PEFT adapter with peft.PeftModel.from_pretrained instead"
             )
         return cls.from_dict(data, source=str(path))
+
+
+TRAIN_ADAPTER_DEFAULTS: dict[str, Any] = {"init_heads": "random"}
+"""Where training departs from HydraLoraConfig's defaults (the paper's): the best setting of the
+head-diversity study in docs/results.md. Flags, YAML keys and `adapter=` values override it."""

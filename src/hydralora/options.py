@@ -66,8 +66,10 @@ def add_dataclass_flags(
     skip: tuple[str, ...] = (),
     types_override: dict[str, Any] | None = None,
     aliases: dict[str, list[str]] | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> None:
-    """Add one flag per field; defaults are SUPPRESSed so only flags given show up."""
+    """Add one flag per field; defaults are SUPPRESSed so only flags given show up. `defaults`
+    names values that the command uses instead of the dataclass's (shown in the help)."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     group = parser.add_argument_group(cls.__name__)
@@ -81,6 +83,8 @@ def add_dataclass_flags(
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
         )
+        if defaults and f.name in defaults:
+            default = f"{defaults[f.name]}; {cls.__name__}'s own default: {default}"
         help_text = docs.get(f.name, "") + f" (default: {default})"
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if types_override and f.name in types_override:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import HydraLoraConfig
+from .config import TRAIN_ADAPTER_DEFAULTS, HydraLoraConfig
 from .data import Collator, TokenizedDataset, load_examples, tokenize_examples
 from .evaluate import domain_losses
 from .loss import response_nll
@@ -118,8 +118,8 @@ class TrainConfig:
     """Recompute activations in backward to save memory."""
     trust_remote_code: bool = False
     """Run Python code shipped with a hub model (off unless you trust it)."""
-    adapter: dict[str, Any] = field(default_factory=dict)
-    """HydraLoraConfig values (the CLI fills these from the adapter flags)."""
+    adapter: dict[str, Any] = field(default_factory=lambda: dict(TRAIN_ADAPTER_DEFAULTS))
+    """HydraLoraConfig values (the CLI fills these from the adapter flags, over TRAIN_ADAPTER_DEFAULTS)."""
 
     def validate(self) -> None:
         if not self.data:

@@ -72,6 +72,11 @@ PRESETS = {
 }
 
 TARGETS = ["--target-modules", "gate_proj", "up_proj", "down_proj"]
+# HydraLoRA r=8 with k from the automatic choice; PAPER pins the paper's initialization (B = 0),
+# RANDOM the random heads (A = 0) that `hydralora train` uses by default
+HYDRA = ["--method", "hydralora", "--r", "8", "--num-heads", "auto"]
+PAPER = [*HYDRA, "--init-heads", "zero"]
+RANDOM = [*HYDRA, "--init-heads", "random"]
 VARIANTS = {
     "base": None,
     "lora-r8": ["--method", "lora", "--r", "8"],
@@ -79,25 +84,24 @@ VARIANTS = {
     "lora-r32": ["--method", "lora", "--r", "32"],
     "lora-split-4x8": ["--method", "lora-split", "--r", "32", "--num-heads", "4"],
     "lora-r32-alpha64": ["--method", "lora", "--r", "32", "--alpha", "64"],
-    "hydra-auto": ["--method", "hydralora", "--r", "8", "--num-heads", "auto"],
-    "hydra-uniform": ["--method", "hydralora", "--r", "8", "--num-heads", "auto", "--router", "uniform"],
-    "hydra-no-shared-a": ["--method", "hydralora", "--r", "8", "--num-heads", "auto", "--no-shared-a"],
-    "hydra-one-head": ["--method", "hydralora", "--r", "8", "--num-heads", "1"],
+    "hydra-auto": PAPER,
+    "hydra-uniform": [*PAPER, "--router", "uniform"],
+    "hydra-no-shared-a": [*PAPER, "--no-shared-a"],
+    "hydra-one-head": [*PAPER, "--num-heads", "1"],
     # head diversity (issue 8): options that give the heads a reason to differ
-    "hydra-random-init": ["--method", "hydralora", "--r", "8", "--num-heads", "auto", "--init-heads", "random"],
-    "hydra-random-init-zero-router": ["--method", "hydralora", "--r", "8", "--num-heads", "auto",
-                                      "--init-heads", "random", "--router-init", "zero"],
-    "hydra-head-dropout": ["--method", "hydralora", "--r", "8", "--num-heads", "auto", "--head-dropout", "0.3"],
-    "hydra-temperature": ["--method", "hydralora", "--r", "8", "--num-heads", "auto", "--router-temperature", "0.3"],
-    "hydra-balance": ["--method", "hydralora", "--r", "8", "--num-heads", "auto", "--balance-loss-weight", "0.05"],
-    "hydra-route-a": ["--method", "hydralora", "--r", "8", "--num-heads", "auto", "--router-input", "a"],
-    "hydra-router-lr10": ["--method", "hydralora", "--r", "8", "--num-heads", "auto", "--router-lr-multiplier", "10"],
-    "hydra-r11": ["--method", "hydralora", "--r", "11", "--num-heads", "auto"],
-    "hydra-random-init-router-lr10": ["--method", "hydralora", "--r", "8", "--num-heads", "auto",
-                                      "--init-heads", "random", "--router-lr-multiplier", "10"],
+    "hydra-head-dropout": [*PAPER, "--head-dropout", "0.3"],
+    "hydra-temperature": [*PAPER, "--router-temperature", "0.3"],
+    "hydra-balance": [*PAPER, "--balance-loss-weight", "0.05"],
+    "hydra-route-a": [*PAPER, "--router-input", "a"],
+    "hydra-router-lr10": [*PAPER, "--router-lr-multiplier", "10"],
+    "hydra-r11": [*PAPER, "--r", "11"],
+    "hydra-random-init": RANDOM,
+    "hydra-random-init-zero-router": [*RANDOM, "--router-init", "zero"],
+    "hydra-random-init-head-dropout": [*RANDOM, "--head-dropout", "0.3"],
+    "hydra-random-init-balance": [*RANDOM, "--balance-loss-weight", "0.05"],
+    "hydra-random-init-router-lr10": [*RANDOM, "--router-lr-multiplier", "10"],
     # control: is random init's gain the heads' or the initialization's? (k = 1: a LoRA, A = 0)
-    "hydra-one-head-random-init": ["--method", "hydralora", "--r", "8", "--num-heads", "1",
-                                   "--init-heads", "random"],
+    "hydra-one-head-random-init": [*RANDOM, "--num-heads", "1"],
 }
 SETS = {
     "main": ["base", "lora-r8", "lora-r16", "lora-r32", "lora-split-4x8", "hydra-auto",
@@ -108,6 +112,7 @@ SETS = {
                      "hydra-random-init", "hydra-r11", "hydra-router-lr10", "hydra-temperature",
                      "hydra-head-dropout", "hydra-balance", "hydra-route-a",
                      "hydra-random-init-zero-router", "hydra-random-init-router-lr10",
+                     "hydra-random-init-head-dropout", "hydra-random-init-balance",
                      "hydra-one-head-random-init"],
     "heads": ["lora-r8", "lora-r16", "lora-r32", "lora-r32-alpha64", "hydra-auto",
               "hydra-router-lr10", "hydra-random-init", "hydra-random-init-router-lr10",
@@ -133,6 +138,8 @@ LABELS = {
     "hydra-router-lr10": "HydraLoRA, router lr x10",
     "hydra-r11": "HydraLoRA r=11 (LoRA r=32 budget)",
     "hydra-random-init-router-lr10": "HydraLoRA, random heads + router lr x10",
+    "hydra-random-init-head-dropout": "HydraLoRA, random heads + head dropout 0.3",
+    "hydra-random-init-balance": "HydraLoRA, random heads + balance loss 0.05",
     "hydra-one-head-random-init": "control: one head, A = 0, B random (a LoRA)",
 }
 

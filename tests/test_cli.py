@@ -173,3 +173,16 @@ def test_train_defaults_are_the_recommended_settings(tmp_path):
     yaml_file.write_text("init_heads: zero\n")
     from_yaml = train_config_from_args(build_parser().parse_args(base + ["--config", str(yaml_file)]))
     assert adapter_config(from_yaml).init_heads == "zero"
+
+
+def test_variant_name_lists_the_head_options():
+    from hydralora.config import HydraLoraConfig
+    from hydralora.train import TrainConfig, variant_name
+
+    cfg = TrainConfig(data=["x"], output="o", router_lr_multiplier=10)
+    name = variant_name(cfg, HydraLoraConfig(num_heads=4, init_heads="random", head_dropout=0.3,
+                                             router_temperature=0.5, balance_loss_weight=0.05))
+    assert name == ("HydraLoRA r=8, k=4, random head init, head dropout 0.3, router temperature 0.5, "
+                    "balance loss 0.05, router lr x10")
+    assert variant_name(TrainConfig(data=["x"], output="o"), HydraLoraConfig(num_heads=1)) == \
+        "HydraLoRA r=8, k=1, one head: w/o MoE"

@@ -197,6 +197,16 @@ def variant_name(cfg: TrainConfig, adapter: HydraLoraConfig) -> str:
         parts.append("routing on A x")
     if adapter.init_heads != "zero":
         parts.append(f"{adapter.init_heads} head init")
+    if adapter.has_router and adapter.router_init != "kaiming":
+        parts.append(f"{adapter.router_init} router init")
+    if adapter.head_dropout > 0 and adapter.num_heads > 1:
+        parts.append(f"head dropout {adapter.head_dropout:g}")
+    if adapter.has_router and adapter.router_temperature != 1.0:
+        parts.append(f"router temperature {adapter.router_temperature:g}")
+    if adapter.has_router and adapter.balance_loss_weight > 0:
+        parts.append(f"balance loss {adapter.balance_loss_weight:g}")
+    if adapter.has_router and cfg.router_lr_multiplier != 1.0:
+        parts.append(f"router lr x{cfg.router_lr_multiplier:g}")
     return ", ".join(parts)
 
 

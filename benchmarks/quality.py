@@ -30,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import date
 from pathlib import Path
 
@@ -125,7 +125,7 @@ LABELS = {
     "lora-r32": "LoRA r=32",
     "lora-r32-alpha64": "LoRA r=32, alpha 64 (scaling 2 like r=8)",
     "lora-split-4x8": "LoRA-Split 4 x r=8",
-    "hydra-auto": "HydraLoRA r=8, auto k",
+    "hydra-auto": "HydraLoRA r=8, auto k (paper init: B = 0)",
     "hydra-uniform": "w/o gate (uniform router)",
     "hydra-no-shared-a": "w/o Hydra (one A per head)",
     "hydra-one-head": "w/o MoE (one head)",
@@ -148,14 +148,14 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "hydralora", *args]
 
 
-THREADS: int | None = None  # torch threads per subprocess when runs share the machine (--jobs)
+THREADS: int | None = None  # torch threads per training run when runs share the machine (--jobs)
 
 
-def run(cmd: list[str], log: Path) -> None:
+def run(cmd: list[str], log: Path, threads: int | None = None) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    if THREADS:
-        env["OMP_NUM_THREADS"] = str(THREADS)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     if proc.returncode:
@@ -169,7 +169,7 @@ def train_variant(name: str, seed: int, preset: dict, root: Path, fresh: bool) -
                   "--output", str(out), "--seed", str(seed), "--overwrite", *TARGETS,
                   *preset["train"], *VARIANTS[name])
         print(f"[quality] train {name} seed {seed}", flush=True)
-        run(cmd, root / "logs" / f"{name}-s{seed}.train.log")
+        run(cmd, root / "logs" / f"{name}-s{seed}.train.log", THREADS)
     return json.loads((out / "summary.json").read_text())
 
 
@@ -180,10 +180,30 @@ def eval_variant(name: str, seed: int, preset: dict, root: Path, test_file: Path
         out.mkdir(parents=True, exist_ok=True)
         adapter = [] if VARIANTS[name] is None else ["--adapter", str(out)]
         print(f"[quality] eval {name} seed {seed}", flush=True)
+        tasks = ["--max-new-tokens", str(preset["max_new_tokens"])] if preset["task_seeds"] else ["--no-generate"]
         run(cli("eval", "--model", "smollm2-135m", *adapter, "--data", str(test_file),
-                "--output", str(result), "--overwrite", "--max-new-tokens", str(preset["max_new_tokens"])),
+                "--output", str(result), "--overwrite", *tasks),
             root / "logs" / f"{name}-s{seed}.eval.log")
     return json.loads(result.read_text())
+
+
+def train_all(jobs: list[tuple[str, int]], preset: dict, root: Path, args) -> dict:
+    """Train every (variant, seed), args.jobs at a time; on a failure, start nothing more, let the
+    running ones finish, and stop naming every failed run."""
+    summaries, failed = {}, []
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(train_variant, name, seed, preset, root, args.fresh): (name, seed)
+                   for name, seed in jobs}
+        for future in as_completed(futures):
+            try:
+                summaries[futures[future]] = future.result()
+            except SystemExit as err:
+                failed.append(str(err))
+                for other in futures:
+                    other.cancel()
+    if failed:
+        raise SystemExit("\n".join(failed))
+    return summaries
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -222,28 +242,38 @@ def main() -> None:
     preset = dict(PRESETS[args.preset])
     if args.no_tasks:
         preset["task_seeds"] = []
-    seeds = args.seeds or preset["seeds"]
+    seeds = list(dict.fromkeys(args.seeds or preset["seeds"]))
     root = Path(args.root) / args.preset
     started = time.time()
     rows: dict[str, dict] = {}
     test_file = None
     args.explicit = bool(args.variants)
-    args.variants = args.variants or SETS[args.set]
+    outside = [v for v in args.variants or [] if v not in SETS[args.set]]
+    if outside:
+        parser.error(f"{outside} are not rows of --set {args.set} ({', '.join(SETS[args.set])})")
+    args.variants = list(dict.fromkeys(args.variants or SETS[args.set]))
     jobs = [(name, seed) for name in args.variants if VARIANTS[name] is not None for seed in seeds]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        summaries = dict(zip(jobs, pool.map(
-            lambda job: train_variant(job[0], job[1], preset, root, args.fresh), jobs)))
-    for name in args.variants:
+    summaries = train_all(jobs, preset, root, args)
+    # the section shows the whole set: rows not asked for this time come from runs on disk
+    for name in SETS[args.set]:
+        if VARIANTS[name] is not None and name not in args.variants:
+            for seed in seeds:
+                path = root / f"{name}-s{seed}" / "summary.json"
+                if path.exists():
+                    summaries[(name, seed)] = json.loads(path.read_text())
+    for name in SETS[args.set]:
         done = [seed for seed in seeds if (name, seed) in summaries]
-        rows[name] = {"summaries": [summaries[(name, seed)] for seed in done], "seeds": done, "evals": []}
+        if VARIANTS[name] is None or done:
+            rows[name] = {"summaries": [summaries[(name, seed)] for seed in done], "seeds": done, "evals": []}
     if jobs:
         test_file = root / f"{jobs[0][0]}-s{jobs[0][1]}" / "data" / "test.jsonl"
     if test_file is None:
         raise SystemExit("train at least one variant: the held-out split is written by training")
-    for name in args.variants:
-        task_seeds = [0] if VARIANTS[name] is None else [s for s in preset["task_seeds"] if s in seeds]
+    for name in rows:
+        task_seeds = [0] if VARIANTS[name] is None else [s for s in preset["task_seeds"] if s in rows[name]["seeds"]]
         for seed in task_seeds:
-            rows[name]["evals"].append(eval_variant(name, seed, preset, root, test_file, args.fresh))
+            if name in args.variants or (root / f"{name}-s{seed}" / "eval.json").exists():
+                rows[name]["evals"].append(eval_variant(name, seed, preset, root, test_file, args.fresh))
     wall = time.time() - started
     write_report(rows, args, preset, seeds, wall)
 
@@ -391,7 +421,7 @@ def verdict(rows: dict) -> str:
             cells = []
             for r in refs:
                 d = paired(rows, n, r)
-                mark = " (better on every seed)" if d and all(x > 0 for x in d) else ""
+                mark = " (better on every seed)" if len(d) > 1 and all(x > 0 for x in d) else ""
                 cells.append(", ".join(f"{x:+.4f}" for x in d) + mark)
             out.append(f"| {LABELS[n]} | {rows[n]['params']:,} | " + " | ".join(cells) + " |")
     return "\n".join(out)

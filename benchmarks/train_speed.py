@@ -104,6 +104,13 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", default=TARGETS)
     parser.add_argument("--json", help="write the raw measurements here")
     args = parser.parse_args()
+    for variant in args.variants:  # checked here: an error inside a child would hang the queue
+        kind, *nums = variant.split(":")
+        ok = (kind == "lora" and len(nums) == 1) or (kind in ("hydra", "split") and len(nums) == 2)
+        if not ok or not all(n.isdigit() and int(n) > 0 for n in nums):
+            parser.error(f"variant {variant!r}: use lora:R, hydra:R:K or split:R:K (positive integers)")
+        if kind == "split" and int(nums[0]) < int(nums[1]):
+            parser.error(f"variant {variant!r}: R must be at least K (each adapter has rank R // K)")
     cfg = vars(args)
     ctx = mp.get_context("spawn")
     results: dict[str, list[dict]] = {v: [] for v in args.variants}

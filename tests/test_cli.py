@@ -167,6 +167,9 @@ def test_train_defaults_are_the_recommended_settings(tmp_path):
     for key, value in TRAIN_ADAPTER_DEFAULTS.items():
         assert getattr(chosen, key) == value != getattr(paper, key)
     assert adapter_config(TrainConfig(data=["x"], output="o")).init_heads == chosen.init_heads
+    assert adapter_config(TrainConfig(data=["x"], output="o", adapter={"num_heads": 2})).init_heads == chosen.init_heads
+    zero_router = train_config_from_args(build_parser().parse_args(base + ["--router-init", "zero"]))
+    assert adapter_config(zero_router).router_init == "zero"  # allowed: the heads start random
     flag = train_config_from_args(build_parser().parse_args(base + ["--init-heads", "zero"]))
     assert adapter_config(flag).init_heads == "zero"
     yaml_file = tmp_path / "c.yaml"

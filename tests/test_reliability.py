@@ -74,13 +74,17 @@ def test_sigint_saves_a_checkpoint_and_resumes(tiny_model_dir, data8, tmp_path):
                                                                                "--save-steps", "100")],
                                 stdout=subprocess.DEVNULL, stderr=f, text=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1", "HYDRALORA_STEP_DELAY": "0.5"})
-        start = time.time()
-        while "| 1/8 [" not in log.read_text():  # the first optimizer step is done
-            assert proc.poll() is None, log.read_text()[-2000:]
-            assert time.time() - start < 300, "training never started"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
+        try:
+            start = time.time()
+            while "| 1/8 [" not in log.read_text():  # the first optimizer step is done
+                assert proc.poll() is None, log.read_text()[-2000:]
+                assert time.time() - start < 300, "training never started"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     err = log.read_text()
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted at step" in err and "--resume" in err and "Traceback" not in err

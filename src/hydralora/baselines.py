@@ -7,7 +7,7 @@ sends every prompt to the adapter of its cluster. Here the clusters come from th
 may mix clusters through PEFT's mixed-batch `adapter_names`.
 
 Directory layout (`--method lora-split --output DIR`):
-    DIR/lora_split.json                          k, ranks, alphas, cluster sizes, base model
+    DIR/lora_split.json                          k, ranks, alpha, scalings, cluster sizes, base model
     DIR/cluster_model.json, .safetensors         the TF-IDF vectorizer and centroids (no pickle)
     DIR/cluster_<i>/adapter_config.json, adapter_model.safetensors   PEFT LoRA of cluster i
 """

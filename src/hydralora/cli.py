@@ -68,6 +68,8 @@ def train_config_from_args(args: argparse.Namespace):
     output = given.get("output")
     if given.get("resume") and output and (Path(output) / "train_config.yaml").exists():
         values.update(read_yaml_config(Path(output) / "train_config.yaml", known))
+        # a run recorded before train's defaults departed from the paper's used zero heads
+        values.setdefault("init_heads", "zero")
     if args.config:
         values.update(read_yaml_config(args.config, known))
     values.update(given)
@@ -76,10 +78,9 @@ def train_config_from_args(args: argparse.Namespace):
     if isinstance(values.get("bf16"), bool):
         values["bf16"] = str(values["bf16"]).lower()
     run, adapter = split_fields(values, TrainConfig, HydraLoraConfig)
-    adapter = {**TRAIN_ADAPTER_DEFAULTS, **adapter}
     num_heads = adapter.get("num_heads")
     if num_heads != "auto":  # validate adapter settings before any slow work
-        HydraLoraConfig(**adapter)
+        HydraLoraConfig(**{**TRAIN_ADAPTER_DEFAULTS, **adapter})
     elif run.get("method", "hydralora") == "lora":
         raise ConfigError("--num-heads auto applies to --method hydralora and lora-split only")
     return TrainConfig(**run, adapter=adapter)

@@ -118,8 +118,12 @@ class TrainConfig:
     """Recompute activations in backward to save memory."""
     trust_remote_code: bool = False
     """Run Python code shipped with a hub model (off unless you trust it)."""
-    adapter: dict[str, Any] = field(default_factory=lambda: dict(TRAIN_ADAPTER_DEFAULTS))
-    """HydraLoraConfig values (the CLI fills these from the adapter flags, over TRAIN_ADAPTER_DEFAULTS)."""
+    adapter: dict[str, Any] = field(default_factory=dict)
+    """HydraLoraConfig values (the CLI fills these from the adapter flags); TRAIN_ADAPTER_DEFAULTS
+    fills the keys not given."""
+
+    def __post_init__(self) -> None:
+        self.adapter = {**TRAIN_ADAPTER_DEFAULTS, **self.adapter}
 
     def validate(self) -> None:
         if not self.data:
@@ -178,7 +182,8 @@ def adapter_config(cfg: TrainConfig, k_selection: dict[str, Any] | None = None) 
 def variant_name(cfg: TrainConfig, adapter: HydraLoraConfig) -> str:
     """A short description of the trained variant, naming the paper's ablations."""
     if cfg.method == "lora":
-        return f"LoRA r={adapter.r} (PEFT)"
+        alpha = "" if adapter.alpha == HydraLoraConfig().alpha else f", alpha={adapter.alpha:g}"
+        return f"LoRA r={adapter.r}{alpha} (PEFT)"
     if cfg.method == "lora-split":
         from .baselines import split_ranks
 

@@ -27,7 +27,7 @@ def test_train_writes_adapter_summary_and_config(tiny_model_dir, tiny_data, tmp_
     out = tmp_path / "run"
     assert main(train_args(tiny_model_dir, tiny_data, out)) == 0
     printed = capsys.readouterr().out
-    assert "== HydraLoRA r=4, k=3, random head init on" in printed and "tokens/s" in printed and "final loss" in printed
+    assert "== HydraLoRA r=4, k=3, random head init, router lr x10 on" in printed and "tokens/s" in printed and "final loss" in printed
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["num_heads"] == 3
@@ -170,6 +170,7 @@ def test_train_defaults_are_the_recommended_settings(tmp_path):
     assert adapter_config(TrainConfig(data=["x"], output="o", adapter={"num_heads": 2})).init_heads == chosen.init_heads
     zero_router = train_config_from_args(build_parser().parse_args(base + ["--router-init", "zero"]))
     assert adapter_config(zero_router).router_init == "zero"  # allowed: the heads start random
+    assert cfg.router_lr_multiplier == 10  # the study's best row: random heads, router lr x10
     flag = train_config_from_args(build_parser().parse_args(base + ["--init-heads", "zero"]))
     assert adapter_config(flag).init_heads == "zero"
     yaml_file = tmp_path / "c.yaml"

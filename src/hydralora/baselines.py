@@ -129,7 +129,8 @@ def save_lora_split(peft_model, clusters, output: Path, ranks, sizes, base_model
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     meta = {"peft_type": "LORA_SPLIT", "k": len(ranks), "ranks": ranks, "cluster_sizes": sizes,
-            "alpha": alpha, "scaling": [alpha / r for r in ranks], "adapters": [adapter_name(i) for i in range(len(ranks))],
+            "alpha": alpha, "scaling": [alpha / r for r in ranks],
+            "adapters": [adapter_name(i) for i in range(len(ranks))],
             "base_model_name_or_path": base_model}
     with atomic_write(output / SPLIT_FILE) as f:
         f.write_text(json.dumps(meta, indent=2) + "\n")

@@ -23,14 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from .data import group_by_domain
 from .routing import domain_gate_spread, gate_statistics
 
 
 def gates_by_domain(model, features, pad_token_id: int) -> dict[str, dict[str, dict[str, Any]]]:
     """{domain: {layer: stats}} for the examples of each domain."""
-    domains = sorted({f.get("domain") or "all" for f in features})
-    return {d: gate_statistics(model, [f for f in features if (f.get("domain") or "all") == d], pad_token_id)
-            for d in domains}
+    groups = group_by_domain(features)
+    return {d: gate_statistics(model, groups[d], pad_token_id) for d in sorted(groups)}
 
 
 def router_report(per_domain: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -116,17 +116,16 @@ def ab_similarity(loras: dict[str, dict[str, dict[str, torch.Tensor]]]) -> dict[
     """Per module: mean over domain pairs of A and B similarity (cosine and subspace overlap)."""
     domains = list(loras)
     modules = sorted(set.intersection(*(set(m) for m in loras.values())))
+    pairs = list(combinations(domains, 2))
     per_module = {}
     for module in modules:
-        pairs = list(combinations(domains, 2))
-        a = [loras[d][module]["A"] for d in domains]
-        b = [loras[d][module]["B"] for d in domains]
-        idx = {d: i for i, d in enumerate(domains)}
+        a = {d: loras[d][module]["A"] for d in domains}
+        b = {d: loras[d][module]["B"] for d in domains}
         per_module[module] = {
-            "A_cos": float(np.mean([_cos(a[idx[x]], a[idx[y]]) for x, y in pairs])),
-            "B_cos": float(np.mean([_cos(b[idx[x]], b[idx[y]]) for x, y in pairs])),
-            "A_subspace": float(np.mean([_subspace_overlap(a[idx[x]], a[idx[y]], rows=True) for x, y in pairs])),
-            "B_subspace": float(np.mean([_subspace_overlap(b[idx[x]], b[idx[y]], rows=False) for x, y in pairs])),
+            "A_cos": float(np.mean([_cos(a[x], a[y]) for x, y in pairs])),
+            "B_cos": float(np.mean([_cos(b[x], b[y]) for x, y in pairs])),
+            "A_subspace": float(np.mean([_subspace_overlap(a[x], a[y], rows=True) for x, y in pairs])),
+            "B_subspace": float(np.mean([_subspace_overlap(b[x], b[y], rows=False) for x, y in pairs])),
         }
     summary = {key: float(np.mean([m[key] for m in per_module.values()]))
                for key in ("A_cos", "B_cos", "A_subspace", "B_subspace")}

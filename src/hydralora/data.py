@@ -337,6 +337,14 @@ def tokenize_examples(
     return features, report
 
 
+def group_by_domain(features: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Tokenized examples per domain (in order; examples without one are domain 'all')."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for f in features:
+        groups.setdefault(f.get("domain") or "all", []).append(f)
+    return groups
+
+
 class TokenizedDataset(torch.utils.data.Dataset):
     def __init__(self, features: list[dict[str, Any]]):
         self.features = features

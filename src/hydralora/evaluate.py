@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import re
 from collections import defaultdict
@@ -121,8 +122,26 @@ def code_program(generated: str, meta: dict[str, Any]) -> str:
     return prefix + code
 
 
+def check_metric(metric: str, example) -> None:
+    """A DataError naming the example when `metric` cannot score it."""
+    from .data import DataError
+
+    if metric not in MAX_NEW_TOKENS:
+        raise DataError(f"{example.source}: unknown metric {metric!r}; use number, label, pass@1 or rouge-l")
+    if metric == "pass@1" and not {"test", "entry_point"} <= set(example.meta):
+        raise DataError(f"{example.source}: pass@1 needs 'test' and 'entry_point' fields")
+
+
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
 def score(metric: str, generated: str, example, timeout_s: float = 10.0) -> float:
     """One example's score in [0, 1] under `metric`."""
+    check_metric(metric, example)
     if metric == "number":
         return float(same_number(final_number(generated), example.meta.get("answer")
                                  or final_number(example.response)))
@@ -133,17 +152,10 @@ def score(metric: str, generated: str, example, timeout_s: float = 10.0) -> floa
         from .sandbox import check_program
 
         meta = example.meta
-        if "test" not in meta or "entry_point" not in meta:
-            raise ValueError(f"{example.source}: pass@1 needs 'test' and 'entry_point' fields")
         result = check_program(code_program(generated, meta), meta["test"], meta["entry_point"],
                                timeout_s=timeout_s)
         return float(result.passed)
-    if metric == "rouge-l":
-        from rouge_score import rouge_scorer
-
-        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-        return scorer.score(example.response, generated)["rougeL"].fmeasure
-    raise ValueError(f"{example.source}: unknown metric {metric!r}; use number, label, pass@1 or rouge-l")
+    return _rouge_scorer().score(example.response, generated)["rougeL"].fmeasure  # rouge-l
 
 
 def metric_of(example) -> str | None:
@@ -157,17 +169,12 @@ def task_metrics(model, tokenizer, examples, router=None, batch_size: int = 8,
     caps the per-metric generation length (MAX_NEW_TOKENS)."""
     from .generation import generate
 
-    from .data import DataError
-
     by_metric: dict[str, list] = defaultdict(list)
     for ex in examples:  # check every example before any (slow) generation
         metric = metric_of(ex)
         if metric is None:
             continue
-        if metric not in MAX_NEW_TOKENS:
-            raise DataError(f"{ex.source}: unknown metric {metric!r}; use number, label, pass@1 or rouge-l")
-        if metric == "pass@1" and not {"test", "entry_point"} <= set(ex.meta):
-            raise DataError(f"{ex.source}: pass@1 needs 'test' and 'entry_point' fields")
+        check_metric(metric, ex)
         by_metric[metric].append(ex)
     scores: dict[str, list[float]] = defaultdict(list)
     metric_name: dict[str, str] = {}

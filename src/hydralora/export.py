@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, read_json_object
+from .data import group_by_domain
 from .model import hydralora_layers, remove_hydralora
 
 FORMATS = ("peft-lora", "merged")
@@ -89,11 +90,11 @@ def resolve_gates(model: nn.Module, spec: str, features: list[dict[str, Any]] | 
             raise ConfigError(f"--gates {spec} needs a calibration file: give --data FILE")
         if spec.startswith("domain="):
             domain = spec.split("=", 1)[1]
-            available = sorted({f.get("domain") or "all" for f in features})
-            features = [f for f in features if (f.get("domain") or "all") == domain]
-            if not features:
+            groups = group_by_domain(features)
+            if domain not in groups:
                 raise ConfigError(f"--gates {spec}: no examples of domain {domain!r} in --data "
-                                  f"(domains there: {', '.join(available)})")
+                                  f"(domains there: {', '.join(sorted(groups))})")
+            features = groups[domain]
         gates = mean_gates(model, features, pad_token_id)
         for name, layer in layers.items():  # layers without a router have fixed gates already
             gates.setdefault(name, torch.full((layer.num_heads,), 1.0 / layer.num_heads))
@@ -185,8 +186,7 @@ def export_merged(model: nn.Module, gates: dict[str, torch.Tensor], tokenizer, o
     """Fold the fixed-gate update into the base weights and save a plain transformers model."""
     output = Path(output)
     with staged_output(output, overwrite) as tmp:
-        for name, layer in hydralora_layers(model).items():
-            layer.merge(gates[name])
+        merge_fixed(model, gates)
         remove_hydralora(model, keep_merged=True)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -17,8 +17,8 @@ import uuid
 
 import pytest
 
-from hydralora import sandbox
-from hydralora.sandbox import check_program, run_python, sandbox_capabilities
+from hydralora.eval import sandbox
+from hydralora.eval.sandbox import check_program, run_python, sandbox_capabilities
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox layers are Linux's")
 

@@ -149,7 +149,7 @@ def score(metric: str, generated: str, example, timeout_s: float = 10.0) -> floa
         reference = example.meta.get("label") or example.response
         return float(normalize_label(generated) == normalize_label(reference))
     if metric == "pass@1":
-        from .sandbox import check_program
+        from .eval.sandbox import check_program
 
         meta = example.meta
         result = check_program(code_program(generated, meta), meta["test"], meta["entry_point"],

@@ -33,7 +33,7 @@ def mixed_heads_delta(self, x: torch.Tensor) -> torch.Tensor:
 
 def build(variant: str):
     from hydralora import HydraLoraConfig, HydraLoraLinear, add_hydralora, hydralora_layers
-    from hydralora.models import load_model
+    from hydralora.base_models import load_model
 
     torch.manual_seed(0)
     model, tok = load_model("smollm2-135m")

@@ -16,16 +16,24 @@ CPU, but the time, tokens/s and memory columns then measure runs that share the 
 report says so); use --jobs 1 (the default) for speed figures.
 
 Writes docs/results.md (the table, the command, the machine, the date) and docs/results.png.
-Runs go to runs/quality/<variant>-s<seed>/ and are reused when their summary exists
-(--fresh to retrain).
+Runs go to runs/quality/<preset>/<variant>-s<seed>-<hash>/, the hash (sha256, 10 hex characters)
+being that of the run's full training flags (preset, variant, seed, model, data); a run is reused
+only when the folder with that exact hash is complete (summary.json, flags.json, machine.json) and
+its train_config.yaml agrees with the flags (--fresh to retrain). Evals go to eval-<hash>.json in
+the run's folder, keyed by the eval flags, the training hash and the held-out file's contents.
+Folders without a hash (made before runs were keyed) are never reused. Each run records the
+machine it ran on in machine.json, and the report names the machines of the runs it shows.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -149,6 +157,10 @@ def cli(*args: str) -> list[str]:
 
 
 THREADS: int | None = None  # torch threads per training run when runs share the machine (--jobs)
+MODEL = "smollm2-135m"
+HASH_CHARS = 10  # hex characters of the flags hash in a run's folder name
+MACHINE_FILE = "machine.json"  # where a run ran, written beside it once it is trained
+FLAGS_FILE = "flags.json"  # the flags a run was trained with, and their hash
 
 
 def run(cmd: list[str], log: Path, threads: int | None = None) -> None:
@@ -162,28 +174,231 @@ def run(cmd: list[str], log: Path, threads: int | None = None) -> None:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\nsee {log}")
 
 
+# ------------------------------------------------------------------ run keys: folders by flags
+def canonical_flags(argv: list[str]) -> dict[str, list[str]]:
+    """Flags as {flag: values}, sorted by flag; a repeated flag keeps its last values, as argparse
+    does (so `[*PAPER, "--num-heads", "1"]` and the same flags written once give one key)."""
+    flags: dict[str, list[str]] = {}
+    current = None
+    for token in argv:
+        if token.startswith("--"):
+            current = token
+            flags[current] = []
+        elif current is None:
+            raise ValueError(f"a value before any flag: {argv}")
+        else:
+            flags[current].append(token)
+    return dict(sorted(flags.items()))
+
+
+def flags_hash(key: object) -> str:
+    """Short sha256 of the JSON of `key` (sorted keys): the same flags, the same hash."""
+    text = json.dumps(key, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:HASH_CHARS]
+
+
+def train_argv(name: str, seed: int, preset: dict) -> list[str]:
+    """Every flag of a variant's training run except --output/--overwrite (which do not change
+    what is trained)."""
+    return ["--model", MODEL, "--data", "builtin", "--eval-data", "builtin", "--seed", str(seed),
+            *TARGETS, *preset["train"], *VARIANTS[name]]
+
+
+def train_hash(name: str, seed: int, preset: dict) -> str:
+    return flags_hash(canonical_flags(train_argv(name, seed, preset)))
+
+
+def run_dir(root: Path, name: str, seed: int, preset: dict) -> Path:
+    """A training run's folder: <variant>-s<seed>-<hash of its full flags>."""
+    return root / f"{name}-s{seed}-{train_hash(name, seed, preset)}"
+
+
+def is_complete(out: Path) -> bool:
+    """A finished run: training wrote its summary and we recorded its flags and machine."""
+    return all((out / f).exists() for f in ("summary.json", FLAGS_FILE, MACHINE_FILE))
+
+
+def legacy_run_dirs(root: Path) -> list[Path]:
+    """Training folders named <variant>-s<seed> with no flags hash (made before runs were keyed):
+    their flags are unknown, so they are never reused. (base-s<seed>/ holds the base model's evals,
+    keyed by file name; an old eval.json there is never read.)"""
+    pattern = re.compile(r"(?P<name>.+)-s\d+")
+    return sorted(p for p in root.glob("*-s*") if p.is_dir()
+                  and (m := pattern.fullmatch(p.name)) and VARIANTS.get(m["name"]) is not None)
+
+
+def warn_legacy(root: Path) -> None:
+    old = legacy_run_dirs(root)
+    if old:
+        print(f"[quality] ignoring {len(old)} run folder(s) in {root} without a flags hash "
+              f"({', '.join(p.name for p in old)}): their flags are unknown, so they are not "
+              "reused; delete them once no longer needed", flush=True)
+
+
+# ------------------------------------------------------------- train_config.yaml against flags
+def same_scalar(recorded: object, expected: str) -> bool | None:
+    """Whether a recorded value equals a flag's value; None when they cannot be compared."""
+    if isinstance(recorded, (list, dict)) or recorded is None:
+        return None
+    if isinstance(recorded, bool) or expected.lower() in ("true", "false"):
+        return str(recorded).lower() == expected.lower()
+    try:
+        return float(recorded) == float(expected)
+    except (TypeError, ValueError):
+        return str(recorded) == expected
+
+
+def same_value(recorded: object, expected: bool | list[str]) -> bool | None:
+    if isinstance(expected, bool):
+        return recorded is expected if isinstance(recorded, bool) else None
+    if isinstance(recorded, list):
+        if len(recorded) != len(expected):
+            return False
+        return all(same_scalar(r, e) is not False for r, e in zip(recorded, expected))
+    return same_scalar(recorded, expected[0]) if len(expected) == 1 else None
+
+
+def config_mismatches(config: dict, flags: dict[str, list[str]]) -> list[str]:
+    """Flags whose value the run's train_config.yaml contradicts. Lenient: a flag with no field
+    there, 'auto' (resolved during training) or a value of another shape is not compared."""
+    problems = []
+    for flag, values in flags.items():
+        field = flag[2:].replace("-", "_")
+        expected: bool | list[str] = values
+        if not values:  # a BooleanOptionalAction: --x is True, --no-x is False
+            negated = field.startswith("no_") and field[3:] in config
+            field, expected = (field[3:], False) if negated else (field, True)
+        if field not in config or values == ["auto"]:
+            continue
+        if same_value(config[field], expected) is False:
+            given = " ".join([flag, *values])
+            problems.append(f"{given} but train_config.yaml has {field}: {config[field]!r}")
+    return problems
+
+
+def recorded_config_problems(out: Path, argv: list[str]) -> list[str]:
+    """Contradictions between the run's recorded train_config.yaml and `argv` (none if absent)."""
+    import yaml
+
+    path = out / "train_config.yaml"
+    if not path.exists():
+        return []
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        return [f"unreadable {path}: {err}"]
+    if not isinstance(config, dict):
+        return [f"{path} is not a mapping"]
+    return config_mismatches(config, canonical_flags(argv))
+
+
+# ---------------------------------------------------------------------------- machine records
+@functools.lru_cache(maxsize=1)
+def machine_info() -> dict:
+    """What this process runs on: CPU model and cores, the CPU's bf16 features, torch, GPU."""
+    import torch
+
+    cpu_model, cpu_flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not cpu_model:
+                cpu_model = value.strip()
+            elif key.strip() == "flags" and not cpu_flags:
+                cpu_flags = set(value.split())
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu_model": cpu_model or platform.processor() or "unknown CPU",
+            "cpu_cores": os.cpu_count(),
+            "avx512_bf16": "avx512_bf16" in cpu_flags,
+            "amx": sorted(f for f in cpu_flags if f.startswith("amx")),
+            "torch": torch.__version__,
+            "gpu": gpu,
+            "machine": platform.machine(),
+            "system": platform.system(),
+            "platform": platform.platform(),
+            "python": platform.python_version()}
+
+
+def describe_machine(m: dict | None) -> str:
+    if not m:
+        return "an unrecorded machine"
+    bf16 = [f for f, on in (("AVX512-BF16", m.get("avx512_bf16")), ("AMX", m.get("amx"))) if on]
+    return (f"{m.get('machine')} {m.get('system')}, {m.get('cpu_model')}, {m.get('cpu_cores')} CPU "
+            f"cores, {'with ' + ' and '.join(bf16) if bf16 else 'no AVX512-BF16 or AMX'}, torch "
+            f"{m.get('torch')}, {'GPU ' + m['gpu'] if m.get('gpu') else 'no GPU'}")
+
+
+def write_machine(path: Path) -> None:
+    path.write_text(json.dumps(machine_info(), indent=2) + "\n")
+
+
+def read_machine(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- training and eval
 def train_variant(name: str, seed: int, preset: dict, root: Path, fresh: bool) -> dict:
-    out = root / f"{name}-s{seed}"
-    if fresh or not (out / "summary.json").exists():
-        cmd = cli("train", "--model", "smollm2-135m", "--data", "builtin", "--eval-data", "builtin",
-                  "--output", str(out), "--seed", str(seed), "--overwrite", *TARGETS,
-                  *preset["train"], *VARIANTS[name])
-        print(f"[quality] train {name} seed {seed}", flush=True)
-        run(cmd, root / "logs" / f"{name}-s{seed}.train.log", THREADS)
+    """Train (name, seed) into its flags-keyed folder, or reuse that folder when it is complete
+    and its train_config.yaml agrees with the flags."""
+    argv = train_argv(name, seed, preset)
+    out = run_dir(root, name, seed, preset)
+    problems = recorded_config_problems(out, argv) if is_complete(out) else []
+    for problem in problems:
+        print(f"[quality] not reusing {out}: {problem}", flush=True)
+    if fresh or problems or not is_complete(out):
+        print(f"[quality] train {name} seed {seed} -> {out.name}", flush=True)
+        # a failed retrain must not look complete, nor the old adapter's evals pass for the new one's
+        for stale in [out / FLAGS_FILE, out / MACHINE_FILE, *out.glob("eval-*.json")]:
+            stale.unlink(missing_ok=True)
+        run(cli("train", *argv, "--output", str(out), "--overwrite"),
+            root / "logs" / f"{out.name}.train.log", THREADS)
+        record = {"hash": train_hash(name, seed, preset), "argv": argv, "flags": canonical_flags(argv)}
+        (out / FLAGS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        write_machine(out / MACHINE_FILE)
     return json.loads((out / "summary.json").read_text())
 
 
+def eval_argv(preset: dict) -> list[str]:
+    """The eval flags that change its result, but the adapter and the data (keyed separately)."""
+    tasks = ["--max-new-tokens", str(preset["max_new_tokens"])] if preset["task_seeds"] else ["--no-generate"]
+    return ["--model", MODEL, *tasks]
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def eval_path(name: str, seed: int, preset: dict, root: Path, test_file: Path) -> Path:
+    """eval-<hash>.json in the run's folder (base-s<seed>/ for the base model); the hash covers the
+    eval flags, the training run's hash and the held-out file's contents."""
+    trained = VARIANTS[name] is not None
+    key = {"eval": canonical_flags(eval_argv(preset)),
+           "train": train_hash(name, seed, preset) if trained else None,
+           "test_data_sha256": file_sha256(test_file)}
+    folder = run_dir(root, name, seed, preset) if trained else root / f"{name}-s{seed}"
+    return folder / f"eval-{flags_hash(key)}.json"
+
+
+def eval_machine_path(result: Path) -> Path:
+    return result.with_name(result.stem + "." + MACHINE_FILE)
+
+
 def eval_variant(name: str, seed: int, preset: dict, root: Path, test_file: Path, fresh: bool) -> dict:
-    out = root / f"{name}-s{seed}"
-    result = out / "eval.json"
-    if fresh or not result.exists():
-        out.mkdir(parents=True, exist_ok=True)
-        adapter = [] if VARIANTS[name] is None else ["--adapter", str(out)]
-        print(f"[quality] eval {name} seed {seed}", flush=True)
-        tasks = ["--max-new-tokens", str(preset["max_new_tokens"])] if preset["task_seeds"] else ["--no-generate"]
-        run(cli("eval", "--model", "smollm2-135m", *adapter, "--data", str(test_file),
-                "--output", str(result), "--overwrite", *tasks),
-            root / "logs" / f"{name}-s{seed}.eval.log")
+    result = eval_path(name, seed, preset, root, test_file)
+    if fresh or not result.exists() or not eval_machine_path(result).exists():
+        result.parent.mkdir(parents=True, exist_ok=True)
+        eval_machine_path(result).unlink(missing_ok=True)
+        adapter = [] if VARIANTS[name] is None else ["--adapter", str(result.parent)]
+        print(f"[quality] eval {name} seed {seed} -> {result.parent.name}/{result.name}", flush=True)
+        run(cli("eval", *eval_argv(preset), *adapter, "--data", str(test_file),
+                "--output", str(result), "--overwrite"),
+            root / "logs" / f"{result.parent.name}.{result.stem}.log")
+        write_machine(eval_machine_path(result))
     return json.loads(result.read_text())
 
 
@@ -253,54 +468,84 @@ def main() -> None:
         parser.error(f"{outside} are not rows of --set {args.set} ({', '.join(SETS[args.set])})")
     args.variants = list(dict.fromkeys(args.variants or SETS[args.set]))
     jobs = [(name, seed) for name in args.variants if VARIANTS[name] is not None for seed in seeds]
+    warn_legacy(root)
     summaries = train_all(jobs, preset, root, args)
-    # the section shows the whole set: rows not asked for this time come from runs on disk
+    # the section shows the whole set: rows not asked for this time come from runs on disk, when
+    # a finished run with these exact flags is there
     for name in SETS[args.set]:
         if VARIANTS[name] is not None and name not in args.variants:
             for seed in seeds:
-                path = root / f"{name}-s{seed}" / "summary.json"
-                if path.exists():
-                    summaries[(name, seed)] = json.loads(path.read_text())
+                out = run_dir(root, name, seed, preset)
+                if is_complete(out) and not recorded_config_problems(out, train_argv(name, seed, preset)):
+                    summaries[(name, seed)] = json.loads((out / "summary.json").read_text())
     for name in SETS[args.set]:
         done = [seed for seed in seeds if (name, seed) in summaries]
         if VARIANTS[name] is None or done:
-            rows[name] = {"summaries": [summaries[(name, seed)] for seed in done], "seeds": done, "evals": []}
+            rows[name] = {"summaries": [summaries[(name, seed)] for seed in done], "seeds": done,
+                          "evals": [], "eval_seeds": []}
     if jobs:
-        test_file = root / f"{jobs[0][0]}-s{jobs[0][1]}" / "data" / "test.jsonl"
+        test_file = run_dir(root, *jobs[0], preset) / "data" / "test.jsonl"
     if test_file is None:
         raise SystemExit("train at least one variant: the held-out split is written by training")
     for name in rows:
         task_seeds = [0] if VARIANTS[name] is None else [s for s in preset["task_seeds"] if s in rows[name]["seeds"]]
         for seed in task_seeds:
-            if name in args.variants or (root / f"{name}-s{seed}" / "eval.json").exists():
+            if name in args.variants or eval_path(name, seed, preset, root, test_file).exists():
                 rows[name]["evals"].append(eval_variant(name, seed, preset, root, test_file, args.fresh))
+                rows[name]["eval_seeds"].append(seed)
     wall = time.time() - started
-    write_report(rows, args, preset, seeds, wall)
+    write_report(rows, args, preset, seeds, wall, run_machines(rows, preset, root, test_file))
 
 
-def write_report(rows: dict, args, preset: dict, seeds: list[int], wall: float) -> None:
+def run_machines(rows: dict, preset: dict, root: Path, test_file: Path) -> dict[str, dict | None]:
+    """{run label: its recorded machine} for every training run and eval the report shows."""
+    machines: dict[str, dict | None] = {}
+    for name, r in rows.items():
+        if VARIANTS[name] is not None:
+            for seed in r["seeds"]:
+                machines[f"{name} s{seed}"] = read_machine(run_dir(root, name, seed, preset) / MACHINE_FILE)
+        for seed in r["eval_seeds"]:
+            result = eval_path(name, seed, preset, root, test_file)
+            machines[f"{name} s{seed} eval"] = read_machine(eval_machine_path(result))
+    return machines
+
+
+def machines_text(machines: dict[str, dict | None]) -> tuple[str, list[str]]:
+    """The machine the reported runs ran on, for the 'Made by' line; when they ran on several,
+    a short note there and a list of the machines with their runs to follow it."""
+    groups: dict[str, list[str]] = {}
+    for label, machine in machines.items():
+        groups.setdefault(describe_machine(machine), []).append(label)
+    if len(groups) <= 1:
+        return f"runs on {next(iter(groups), 'no machine (no runs)')}", []
+    listing = [f"- {desc}: {', '.join(labels)}" for desc, labels in groups.items()]
+    return f"runs came from {len(groups)} different machines, listed below", ["", *listing]
+
+
+def write_report(rows: dict, args, preset: dict, seeds: list[int], wall: float,
+                 machines: dict[str, dict | None]) -> None:
     """Write this run's section of the results file (other sections are kept) and its plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torch
 
     domains = ["math", "code", "topic", "headline"]
     section = f"{args.set}-{args.preset}"  # --variants picks rows within the set's section
     out = Path(args.output)
     png = out.with_name(f"{out.stem}-{section}.png")
+    where, machine_list = machines_text(machines)
     lines = [
         f"## {SECTION_TITLES[args.set]}: preset `{args.preset}`",
         "",
         f"Made by `python benchmarks/quality.py --preset {args.preset} "
         + f"--set {args.set}" + (f" --variants {' '.join(args.variants)}" if args.explicit else "")
         + (" --no-tasks" if args.no_tasks else "") + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
-        + f"` on {date.today()} ({platform.machine()}, {os.cpu_count()} CPU cores, torch "
-        f"{torch.__version__}, no GPU); {wall / 60:.0f} min of work in the last invocation "
-        "(runs found on disk are reused and cost nothing)"
+        + f"` on {date.today()} ({where}); {wall / 60:.0f} min of work in the last invocation "
+        "(runs found on disk with the same flags are reused and cost nothing)"
         + (f"; {args.jobs} runs trained at once, so the time, tokens/s and memory columns "
            "measure runs sharing the machine." if args.jobs > 1 else "."),
+        *machine_list,
         "",
         f"Setup: SmolLM2-135M-Instruct, the built-in mixture (train/test split fixed), targets "
         f"gate/up/down_proj, training options `{' '.join(preset['train'])}` for every method; "

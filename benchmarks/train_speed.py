@@ -38,7 +38,7 @@ def measure(variant: str, args: dict, queue: mp.Queue) -> None:
     import torch
 
     from hydralora import HydraLoraConfig, add_hydralora
-    from hydralora.models import load_model
+    from hydralora.base_models import load_model
 
     torch.manual_seed(0)
     model, _ = load_model(args["model"])

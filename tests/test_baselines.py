@@ -55,7 +55,7 @@ def test_lora_split_trains_saves_routes_and_generates(tiny_model_dir, tmp_path, 
         cfg = json.loads((out / name / "adapter_config.json").read_text())
         assert cfg["peft_type"] == "LORA" and cfg["r"] == 4
     # held-out prompts of each source go to that source's cluster
-    from hydralora.baselines import SplitRouter
+    from hydralora.methods.lora_split import SplitRouter
 
     router = SplitRouter.load(out)
     math = router.route([f"What is {i} plus three?" for i in range(100, 110)])

@@ -157,7 +157,7 @@ def test_train_defaults_are_the_recommended_settings(tmp_path):
     a flag or a YAML key given by the user wins."""
     from hydralora.cli import build_parser, train_config_from_args
     from hydralora.config import TRAIN_ADAPTER_DEFAULTS, HydraLoraConfig
-    from hydralora.train import TrainConfig, adapter_config
+    from hydralora.train.config import TrainConfig, adapter_config
 
     assert TRAIN_ADAPTER_DEFAULTS  # the study found settings better than the paper's
     paper = HydraLoraConfig()
@@ -181,7 +181,7 @@ def test_train_defaults_are_the_recommended_settings(tmp_path):
 
 def test_variant_name_lists_the_head_options():
     from hydralora.config import HydraLoraConfig
-    from hydralora.train import TrainConfig, variant_name
+    from hydralora.train.config import TrainConfig, variant_name
 
     cfg = TrainConfig(data=["x"], output="o", router_lr_multiplier=10)
     name = variant_name(cfg, HydraLoraConfig(num_heads=4, init_heads="random", head_dropout=0.3,

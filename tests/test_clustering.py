@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hydralora.cluster_model import MODEL_JSON, MODEL_TENSORS
 from hydralora.clustering import (
-    MODEL_JSON,
-    MODEL_TENSORS,
     ClusterModel,
     ClusterModelError,
     KSelection,

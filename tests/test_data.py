@@ -128,7 +128,7 @@ def test_collator_pads_and_masks():
 
 
 def test_builtin_test_split_never_overlaps_any_train_split():
-    from hydralora.mixtures import MixtureError, builtin_mixture
+    from hydralora.data.builtin import MixtureError, builtin_mixture
 
     _, test_small = builtin_mixture(train_per_domain=5, test_per_domain=8)
     train_big, test_big = builtin_mixture(train_per_domain=100, test_per_domain=40)
@@ -140,7 +140,7 @@ def test_builtin_test_split_never_overlaps_any_train_split():
 
 
 def test_builtin_mixture_split_is_fixed_and_disjoint():
-    from hydralora.mixtures import DOMAINS, builtin_mixture
+    from hydralora.data.builtin import DOMAINS, builtin_mixture
 
     train, test = builtin_mixture(train_per_domain=30, test_per_domain=10, seed=0)
     train2, _ = builtin_mixture(train_per_domain=30, test_per_domain=10, seed=0)

@@ -9,7 +9,7 @@ import pytest
 from conftest import write_jsonl
 from hydralora.cli import main
 from hydralora.data import Example
-from hydralora.evaluate import code_program, final_number, normalize_label, same_number, score
+from hydralora.eval.metrics import code_program, final_number, normalize_label, same_number, score
 
 
 def ex(response, **meta):
@@ -74,7 +74,7 @@ def test_unknown_metric_is_a_clear_error():
 
 
 def builtin_eval_file(tmp_path):
-    from hydralora.mixtures import builtin_mixture
+    from hydralora.data.builtin import builtin_mixture
 
     _, test = builtin_mixture(train_per_domain=1, test_per_domain=2)
     return write_jsonl(tmp_path / "test.jsonl", test)
@@ -82,7 +82,7 @@ def builtin_eval_file(tmp_path):
 
 def test_eval_with_a_perfect_model_scores_one(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """Generation replaced by the references: every metric must give 1.0 end to end."""
-    import hydralora.generation as generation
+    import hydralora.eval.metrics as generation
     from hydralora.data import load_examples
 
     path = builtin_eval_file(tmp_path)

@@ -27,7 +27,7 @@ def fixed_gate_logits(model_dir, adapter, gates_spec, ids, data=None):
     from transformers import AutoModelForCausalLM
 
     from hydralora.data import load_examples, tokenize_examples
-    from hydralora.models import load_tokenizer
+    from hydralora.base_models import load_tokenizer
 
     model = load_adapter(AutoModelForCausalLM.from_pretrained(model_dir), adapter)
     features = None

@@ -247,7 +247,7 @@ def test_config_json_round_trip():
 
 
 def test_failed_save_keeps_previous_adapter(tmp_path, tiny_batch, monkeypatch):
-    import safetensors.torch
+    import hydralora.model
 
     model = trained_model(seed=0)
     save_adapter(model, tmp_path / "a")
@@ -257,7 +257,7 @@ def test_failed_save_keeps_previous_adapter(tmp_path, tiny_batch, monkeypatch):
     def broken_save(*args, **kwargs):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
+    monkeypatch.setattr(hydralora.model, "save_file", broken_save)
     with pytest.raises(OSError, match="simulated"):
         save_adapter(model2, tmp_path / "a")
     assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before

@@ -38,10 +38,13 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def spawn(args, **env):
-    return subprocess.Popen([sys.executable, "-m", "hydralora", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+SLOW_CLI = Path(__file__).with_name("slow_cli.py")  # the CLI with a delay after every step
+
+
+def spawn(args, step_delay: float):
+    return subprocess.Popen([sys.executable, str(SLOW_CLI), str(step_delay), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.fixture
@@ -53,7 +56,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tiny_model_dir, data8, tmp
     straight = tmp_path / "straight"
     assert main(train_cmd(tiny_model_dir, data8, straight)) == 0
     killed = tmp_path / "killed"
-    proc = spawn(train_cmd(tiny_model_dir, data8, killed), HYDRALORA_STEP_DELAY="0.5")
+    proc = spawn(train_cmd(tiny_model_dir, data8, killed), step_delay=0.5)
     wait_for(killed / "checkpoints" / "checkpoint-4" / ".complete", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -71,10 +74,10 @@ def test_sigint_saves_a_checkpoint_and_resumes(tiny_model_dir, data8, tmp_path):
     out = tmp_path / "interrupted"
     log = tmp_path / "stderr.txt"
     with open(log, "w") as f:  # a file, not a pipe: the test reads the progress bar while it runs
-        proc = subprocess.Popen([sys.executable, "-m", "hydralora", *train_cmd(tiny_model_dir, data8, out, 8,
-                                                                               "--save-steps", "100")],
+        proc = subprocess.Popen([sys.executable, str(SLOW_CLI), "1.0",
+                                 *train_cmd(tiny_model_dir, data8, out, 8, "--save-steps", "100")],
                                 stdout=subprocess.DEVNULL, stderr=f, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1", "HYDRALORA_STEP_DELAY": "1.0"})
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
         try:
             start = time.time()
             while not re.search(r"\| [1-6]/8 \[", log.read_text()):  # an optimizer step is done
@@ -99,7 +102,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_model_dir, data8, 
                                                          monkeypatch, capsys):
     import torch
 
-    import hydralora.train as train_module
+    import hydralora.train.trainer as train_module
 
     real = train_module.response_nll
     calls = {"n": 0}
@@ -121,7 +124,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_model_dir, data8, 
 
 
 def test_failed_final_save_keeps_previous_adapter(tiny_model_dir, data8, tmp_path, monkeypatch, capsys):
-    import safetensors.torch
+    import hydralora.model
 
     out = tmp_path / "run"
     assert main(train_cmd(tiny_model_dir, data8, out, 2)) == 0
@@ -130,7 +133,7 @@ def test_failed_final_save_keeps_previous_adapter(tiny_model_dir, data8, tmp_pat
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device (simulated)")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr(hydralora.model, "save_file", broken)
     with pytest.raises(OSError, match="simulated"):
         main(train_cmd(tiny_model_dir, data8, out, 2, "--overwrite", "--seed", "9", "--save-steps", "0"))
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.name.startswith("adapter_")}
@@ -208,7 +211,7 @@ def test_no_trust_remote_code_by_default(monkeypatch, tiny_model_dir):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
-    from hydralora.models import load_model
+    from hydralora.base_models import load_model
 
     load_model(str(tiny_model_dir))
     assert seen["trust_remote_code"] is False

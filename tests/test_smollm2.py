@@ -10,14 +10,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from hydralora.models import load_model
+    from hydralora.base_models import load_model
 
     return load_model("smollm2-135m")
 
 
 def test_loads_from_cache_and_answers(smollm2):
-    from hydralora.generation import generate
-    from hydralora.models import builtin_model_dir
+    from hydralora.eval.generation import generate
+    from hydralora.base_models import builtin_model_dir
 
     model, tokenizer = smollm2
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
@@ -86,7 +86,7 @@ def test_cli_adapter_exports_to_peft_and_merged(tmp_path, capsys):
     from hydralora.cli import main
     from hydralora.data import load_examples, tokenize_examples
     from hydralora.export import merge_fixed, resolve_gates
-    from hydralora.models import builtin_model_dir, load_model
+    from hydralora.base_models import builtin_model_dir, load_model
 
     out = tmp_path / "hydra"
     assert main(["train", "--model", "smollm2-135m", "--data", "builtin", "--output", str(out),

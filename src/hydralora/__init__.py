@@ -1,9 +1,9 @@
 """HydraLoRA: one shared A, k B heads and a per-token router, for Hugging Face models."""
 
-from .config import ConfigError, HydraLoraConfig
+from .config import HydraLoraConfig
+from .errors import AdapterError, ConfigError, UserError
 from .layer import HydraLoraLinear
 from .model import (
-    AdapterError,
     add_hydralora,
     adapter_state_dict,
     balance_loss,
@@ -14,10 +14,11 @@ from .model import (
     remove_hydralora,
     save_adapter,
     set_token_mask,
+    package_version,
     trainable_summary,
 )
 
-__version__ = "0.1.0"
+__version__ = package_version()
 __all__ = [
     "AdapterError",
     "ConfigError",
@@ -35,4 +36,5 @@ __all__ = [
     "save_adapter",
     "set_token_mask",
     "trainable_summary",
+    "UserError",
 ]

@@ -15,50 +15,67 @@ start from the same A, as the paper's separately trained LoRAs can be compared),
 from __future__ import annotations
 
 import json
-import math
+from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from safetensors.torch import load_file
+from sklearn.decomposition import PCA
 
-from .data import group_by_domain
-from .routing import domain_gate_spread, gate_statistics
+from .base_models import DEFAULT_MODEL
+from .data import DEFAULT_MAX_LENGTH, load_examples, tokenize_examples
+from .errors import ConfigError
+from .methods import adapter_kind, load_model_with_adapter
+from .routing import gates_by_domain, router_report
 
 
-def gates_by_domain(model, features, pad_token_id: int) -> dict[str, dict[str, dict[str, Any]]]:
-    """{domain: {layer: stats}} for the examples of each domain."""
-    groups = group_by_domain(features)
-    return {d: gate_statistics(model, groups[d], pad_token_id) for d in sorted(groups)}
+@dataclass
+class AnalyzeOptions:
+    """Router usage per domain and the A-vs-B comparison (plots + JSON)."""
 
+    adapter: str = field(default="", metadata={"required": True})
+    """HydraLoRA adapter directory."""
+    data: list[str] = field(default_factory=list, metadata={"required": True})
+    """Examples with a 'domain' field, or 'builtin' (the built-in mixture's test split)."""
+    output: str = field(default="", metadata={"required": True})
+    """Directory for router_heatmap.png, ab_similarity.png and analysis.json."""
+    model: str = DEFAULT_MODEL
+    """Base model: hub id, local directory, .gguf file, or built-in name."""
+    domain_lora: list[str] | None = field(default=None, metadata={"metavar": "DOMAIN=DIR"})
+    """PEFT LoRAs trained separately per domain (DOMAIN=DIR ...), for the A-vs-B comparison."""
+    per_domain_steps: int = 0
+    """Train one LoRA per domain for this many steps (same seed) when no --domain-lora is given."""
+    batch_size: int = 4
+    """Batch size of the per-domain LoRAs."""
+    lr: float = 1e-3
+    """Learning rate of the per-domain LoRAs."""
+    seed: int = 0
+    """Seed of the per-domain LoRAs (one seed: they start from the same A)."""
+    max_length: int = DEFAULT_MAX_LENGTH
+    """Tokens per example."""
 
-def router_report(per_domain: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
-    domains = list(per_domain)
-    layers = list(next(iter(per_domain.values())))
-    k = len(next(iter(next(iter(per_domain.values())).values()))["mean_gate"])
-    mean = {d: np.mean([per_domain[d][l]["mean_gate"] for l in layers], axis=0).tolist() for d in domains}
-    entropy = {d: float(np.mean([per_domain[d][l]["entropy"] for l in layers])) for d in domains}
-    spread = {l: domain_gate_spread({d: torch.tensor(per_domain[d][l]["mean_gate"]) for d in domains})
-              for l in layers}
-    return {"domains": domains, "layers": layers, "num_heads": k, "mean_gate_by_domain": mean,
-            "entropy_by_domain": entropy, "max_entropy": math.log(k) if k > 1 else 0.0,
-            "domain_spread_by_layer": spread,
-            "domain_spread_mean": float(np.mean(list(spread.values()))),
-            "per_layer": {l: {d: per_domain[d][l]["mean_gate"] for d in domains} for l in layers}}
+    def domain_loras(self) -> dict[str, str] | None:
+        if not self.domain_lora:
+            return None
+        bad = [x for x in self.domain_lora if "=" not in x]
+        if bad:
+            raise ConfigError(f"--domain-lora expects DOMAIN=DIR, got {bad}")
+        return dict(x.split("=", 1) for x in self.domain_lora)
 
 
 def plot_router(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     domains, layers, k = report["domains"], report["layers"], report["num_heads"]
     summary = np.array([report["mean_gate_by_domain"][d] for d in domains])  # (D, k)
     per_layer = np.array([[g for d in domains for g in report["per_layer"][l][d]] for l in layers])
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, max(4, 0.12 * len(layers) + 2)),
-                                   gridspec_kw={"width_ratios": [1, 2]})
+    fig = Figure(figsize=(12, max(4, 0.12 * len(layers) + 2)))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 2]})
     im = ax1.imshow(summary, cmap="viridis", vmin=0, vmax=max(summary.max(), 1e-6), aspect="auto")
     ax1.set_xticks(range(k), [f"head {i}" for i in range(k)])
     ax1.set_yticks(range(len(domains)),
@@ -80,14 +97,11 @@ def plot_router(report: dict[str, Any], path: Path) -> None:
                   f"(mean domain spread {report['domain_spread_mean']:.3f})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------- A vs B
 def read_peft_lora(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     """{module path: {"A": (r, in), "B": (out, r)}} from a PEFT LoRA directory (safetensors)."""
-    from safetensors.torch import load_file
-
     tensors = load_file(str(Path(path) / "adapter_model.safetensors"))
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -133,14 +147,10 @@ def ab_similarity(loras: dict[str, dict[str, dict[str, torch.Tensor]]]) -> dict[
 
 
 def plot_ab(result: dict[str, Any], loras: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.decomposition import PCA
-
     modules, domains = result["modules"], result["domains"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig = Figure(figsize=(15, 4.2))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
     x = np.arange(len(modules))
     for key, style in (("A_cos", "-o"), ("B_cos", "-s"), ("A_subspace", "--o"), ("B_subspace", "--s")):
         axes[0].plot(x, [result["per_module"][m][key] for m in modules], style, ms=3, label=key)
@@ -148,7 +158,7 @@ def plot_ab(result: dict[str, Any], loras: dict, path: Path) -> None:
     axes[0].set_ylabel("mean similarity across domain pairs")
     axes[0].set_title("A vs B similarity across domains")
     axes[0].legend(fontsize=8)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, part in ((axes[1], "A"), (axes[2], "B")):
         # one point per (domain, layer); each layer's matrices normalized so layers are comparable
         vecs, labels = [], []
@@ -166,63 +176,22 @@ def plot_ab(result: dict[str, Any], loras: dict, path: Path) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
-def train_domain_loras(model_name: str, data: list[str], output: Path, steps: int, seed: int,
-                       target_modules: list[str] | str, r: int, extra: dict[str, Any]) -> dict[str, Path]:
-    """One PEFT LoRA per domain of `data`, same seed (so the same initial A), saved under
-    output/per_domain/<domain>."""
-    from .data import load_examples
-    from .train import TrainConfig, run_training
-
-    examples = load_examples(data)
-    domains = sorted({e.domain for e in examples if e.domain})
-    if len(domains) < 2:
-        from .config import ConfigError
-
-        raise ConfigError("the A/B comparison needs examples of at least two domains in --data")
-    dirs = {}
-    for domain in domains:
-        subset = output / "per_domain" / f"{domain}.jsonl"
-        subset.parent.mkdir(parents=True, exist_ok=True)
-        with open(subset, "w") as f:
-            for e in examples:
-                if e.domain == domain:
-                    f.write(json.dumps({"messages": e.messages, "domain": domain}) + "\n")
-        out = output / "per_domain" / domain
-        cfg = TrainConfig(model=model_name, data=[str(subset)], output=str(out), method="lora",
-                          max_steps=steps, seed=seed, save_steps=0, overwrite=True,
-                          adapter={"r": r, "target_modules": target_modules}, **extra)
-        run_training(cfg)
-        dirs[domain] = out
-    return dirs
-
-
-def run_analyze(model_name: str, adapter: str, data: list[str], output: str,
-                domain_loras: dict[str, str] | None = None, per_domain_steps: int = 0,
-                seed: int = 0, max_length: int = 512, train_extra: dict[str, Any] | None = None) -> dict:
-    from .data import load_examples, tokenize_examples
-    from .models import load_model_with_adapter
-
-    from .config import ConfigError
-    from .models import adapter_kind
-
-    if adapter_kind(adapter) != "hydralora":
-        raise ConfigError(f"{adapter}: analyze takes a HydraLoRA adapter (it studies the router)")
-    out = Path(output)
+def run_analyze(opts: AnalyzeOptions, data: list[str],
+                domain_loras: dict[str, str] | None = None) -> dict:
+    """Router report of the adapter on `data` (files), and the A/B comparison of
+    `domain_loras` (PEFT LoRA folders per domain) when given. Reads adapters; never trains."""
+    if adapter_kind(opts.adapter) != "hydralora":
+        raise ConfigError(f"{opts.adapter}: analyze takes a HydraLoRA adapter (it studies the router)")
+    out = Path(opts.output)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model_with_adapter(model_name, adapter)
-    features, _ = tokenize_examples(load_examples(data), tokenizer, max_length, skip_overlong=True)
+    model, tokenizer = load_model_with_adapter(opts.model, opts.adapter)
+    features, _ = tokenize_examples(load_examples(data), tokenizer, opts.max_length, skip_overlong=True)
     if not any(f.get("domain") for f in features):
         print("note: the examples carry no 'domain' field; all are treated as one domain")
     report: dict[str, Any] = {"router": router_report(gates_by_domain(model, features, tokenizer.pad_token_id))}
     plot_router(report["router"], out / "router_heatmap.png")
-    cfg = model.hydralora_config
-    if domain_loras is None and per_domain_steps > 0:
-        domain_loras = {d: str(p) for d, p in train_domain_loras(
-            model_name, data, out, per_domain_steps, seed, cfg.target_modules, cfg.r,
-            train_extra or {}).items()}
     if domain_loras:
         loras = {d: read_peft_lora(p) for d, p in domain_loras.items()}
         report["ab"] = ab_similarity(loras)

@@ -28,17 +28,22 @@ import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
+import torch
 from scipy import sparse
-from sklearn.cluster import KMeans
-from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.metrics import pairwise_distances_argmin, silhouette_score
-from threadpoolctl import threadpool_limits
+from sklearn.metrics import silhouette_score
 
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .base_models import DEFAULT_MODEL, load_model
+from .cluster_model import DEFAULT_TFIDF, ClusterModel, check_texts, kmeans, tfidf_features
+from .data import load_examples
+from .data.builtin import resolve_builtin
+from .errors import ClusterModelError, ConfigError
+from .files import atomic_write, write_json
 
 __all__ = [
     "DEFAULT_TFIDF",
@@ -54,71 +59,16 @@ __all__ = [
     "tfidf_features",
 ]
 
-#: Words and single punctuation characters, lower-cased, most frequent 300, 1 + log tf, L2.
-DEFAULT_TFIDF: dict[str, Any] = {
-    "token_pattern": r"(?u)\b\w+\b|[^\w\s]",
-    "lowercase": True,
-    "max_features": 300,
-    "sublinear_tf": True,
-    "norm": "l2",
-}
-
 #: An elbow counts only if SSE falls this many times faster per cluster before it than after.
 MIN_ELBOW_RATIO = 3.5
-N_INIT = 10
 #: Silhouette scores use at most this many examples (the score is quadratic in n).
 SILHOUETTE_SAMPLE = 3000
-MODEL_JSON = "cluster_model.json"
-MODEL_TENSORS = "cluster_model.safetensors"
-_FORMAT_VERSION = 1
-# Vectorizer parameters that are saved; all must be JSON values.
-_SAVED_TFIDF_PARAMS = (
-    "analyzer", "binary", "lowercase", "max_df", "max_features", "min_df", "ngram_range",
-    "norm", "smooth_idf", "stop_words", "strip_accents", "sublinear_tf", "token_pattern",
-    "use_idf",
-)  # fmt: skip
-
-
-class ClusterModelError(ValueError):
-    """A saved cluster model is unreadable, or a model cannot be saved as JSON/safetensors."""
-
-
-# --------------------------------------------------------------------------- features
-
-
-def _check_texts(texts: Sequence[str]) -> list[str]:
-    if isinstance(texts, str):
-        raise TypeError("expected a list of texts, got a single string")
-    texts = list(texts)
-    if not texts:
-        raise ValueError("no texts given: clustering needs at least one example")
-    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-    if bad:
-        raise TypeError(f"texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
-    return texts
-
-
-def tfidf_features(
-    texts: Sequence[str], **kwargs: Any
-) -> tuple[sparse.csr_matrix, TfidfVectorizer]:
-    """Fit a `TfidfVectorizer` on `texts` and return (sparse features, fitted vectorizer).
-
-    `kwargs` override `DEFAULT_TFIDF` and are passed to `TfidfVectorizer`.
-    """
-    texts = _check_texts(texts)
-    vectorizer = TfidfVectorizer(**{**DEFAULT_TFIDF, **kwargs})
-    try:
-        features = vectorizer.fit_transform(texts)
-    except ValueError as err:  # e.g. "empty vocabulary" when every text is blank
-        raise ValueError(
-            f"cannot build TF-IDF features from these {len(texts)} texts: {err}"
-        ) from err
-    return features.tocsr(), vectorizer
+K_MAX = 10  # the default largest k tried, for every command
 
 
 def embedding_features(
     texts: Sequence[str],
-    model: "torch.nn.Module",
+    model: torch.nn.Module,
     tokenizer: Any,
     batch_size: int = 8,
     max_length: int = 256,
@@ -129,9 +79,7 @@ def embedding_features(
     `torch.no_grad()` in eval mode (its previous mode is restored). A tokenizer without a pad
     token borrows its EOS token for the duration of the call. Returns float32 `(n, hidden)`.
     """
-    import torch
-
-    texts = _check_texts(texts)
+    texts = check_texts(texts)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if tokenizer.pad_token is None and tokenizer.eos_token is None:
@@ -243,19 +191,8 @@ def _n_distinct_rows(features: Any) -> int:
     return len(np.unique(np.round(np.asarray(features), 12), axis=0))
 
 
-def _kmeans(features: Any, k: int, seed: int) -> KMeans:
-    """k-means with `N_INIT` restarts, single-threaded.
-
-    On instruction-sized data (thousands of texts, 300 features) one fit takes milliseconds;
-    OpenMP thread start-up and spin-waiting then cost far more than they save (20x slower on
-    a busy 2-core machine), and one thread also keeps results identical across machines.
-    """
-    with threadpool_limits(limits=1):
-        return KMeans(n_clusters=k, n_init=N_INIT, random_state=seed).fit(features)
-
-
 def choose_k(
-    features: Any, k_max: int = 10, seed: int = 0, min_ratio: float = MIN_ELBOW_RATIO
+    features: Any, k_max: int = K_MAX, seed: int = 0, min_ratio: float = MIN_ELBOW_RATIO
 ) -> KSelection:
     """Run k-means for k = 1..k_max on `features` and choose k at the elbow of the SSE curve.
 
@@ -287,7 +224,7 @@ def choose_k(
         )
     top = max(1, min(k_max, _n_distinct_rows(features) - 1))
     k_values = list(range(1, top + 1))
-    fits = [_kmeans(features, k, seed) for k in k_values]
+    fits = [kmeans(features, k, seed) for k in k_values]
     sse = [float(f.inertia_) for f in fits]
     sil: list[float | None] = [None]
     sample = min(n, SILHOUETTE_SAMPLE)
@@ -312,148 +249,6 @@ def choose_k(
         elbow_ratio=None if ratio is None or np.isinf(ratio) else round(ratio, 4),
         n_examples=n,
     )
-
-
-# --------------------------------------------------------------------------- cluster model
-
-
-class ClusterModel:
-    """TF-IDF vectorizer + k-means centroids; assigns texts to the nearest centroid.
-
-    Saved without pickle: `cluster_model.json` holds the vectorizer parameters and vocabulary,
-    `cluster_model.safetensors` the idf vector and the centroid matrix.
-    """
-
-    def __init__(
-        self,
-        vectorizer: TfidfVectorizer,
-        centroids: np.ndarray,
-        seed: int = 0,
-        labels: list[int] | None = None,
-    ) -> None:
-        self.vectorizer = vectorizer
-        self.centroids = np.asarray(centroids, dtype=np.float64)
-        self.seed = seed
-        self.labels = labels  # training labels (only after `fit`; not saved)
-
-    @property
-    def k(self) -> int:
-        """Number of clusters."""
-        return int(self.centroids.shape[0])
-
-    @classmethod
-    def fit(
-        cls, texts: Sequence[str], k: int, seed: int = 0, **tfidf_kwargs: Any
-    ) -> "ClusterModel":
-        """TF-IDF (`DEFAULT_TFIDF` updated with `tfidf_kwargs`) and k-means with k clusters."""
-        texts = _check_texts(texts)
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
-        if k > len(texts):
-            raise ValueError(
-                f"k={k} clusters but there are only {len(texts)} examples; "
-                f"pass k <= {len(texts)} or cluster more examples"
-            )
-        features, vectorizer = tfidf_features(texts, **tfidf_kwargs)
-        km = _kmeans(features, k, seed)
-        return cls(vectorizer, km.cluster_centers_, seed, [int(v) for v in km.labels_])
-
-    def transform(self, texts: Sequence[str]) -> sparse.csr_matrix:
-        """TF-IDF features of `texts` in this model's vocabulary."""
-        return self.vectorizer.transform(_check_texts(texts)).tocsr()
-
-    def predict(self, texts: Sequence[str]) -> list[int]:
-        """Index of the nearest centroid (Euclidean, as in k-means) for each text."""
-        nearest = pairwise_distances_argmin(self.transform(texts), self.centroids)
-        return [int(v) for v in nearest]
-
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write `cluster_model.json` and `cluster_model.safetensors` into `directory`."""
-        from safetensors.numpy import save_file
-
-        from .model import atomic_write
-
-        params = self.vectorizer.get_params()
-        for name in ("tokenizer", "preprocessor", "analyzer"):
-            if callable(params.get(name)):
-                raise ClusterModelError(
-                    f"cannot save a vectorizer with a custom {name} (a function) as JSON"
-                )
-        meta = {
-            "format_version": _FORMAT_VERSION,
-            "k": self.k,
-            "seed": self.seed,
-            "tfidf": {name: params[name] for name in _SAVED_TFIDF_PARAMS},
-            "vocabulary": {term: int(i) for term, i in self.vectorizer.vocabulary_.items()},
-        }
-        try:
-            text = json.dumps(meta, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
-        except TypeError as err:
-            raise ClusterModelError(f"TF-IDF parameters are not JSON values: {err}") from err
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            "centroids": self.centroids,
-            "idf": np.asarray(self.vectorizer.idf_, dtype=np.float64),
-        }
-        with atomic_write(directory / MODEL_TENSORS) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "np"})
-        with atomic_write(directory / MODEL_JSON) as tmp:
-            tmp.write_text(text, encoding="utf-8")
-        return directory
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike) -> "ClusterModel":
-        """Read a model written by `save`; missing or corrupt files raise an error naming them."""
-        directory = Path(directory)
-        meta = _read_meta(directory / MODEL_JSON)
-        tensors = _read_tensors(directory / MODEL_TENSORS)
-        vocab = meta["vocabulary"]
-        n_terms = len(vocab)
-        centroids, idf = tensors["centroids"], tensors["idf"]
-        if idf.shape != (n_terms,) or centroids.shape != (meta["k"], n_terms):
-            raise ClusterModelError(
-                f"{directory / MODEL_TENSORS}: centroids {centroids.shape} and idf {idf.shape} "
-                f"do not match k={meta['k']} and the {n_terms}-term vocabulary in {MODEL_JSON}"
-            )
-        tfidf = dict(meta["tfidf"])
-        if tfidf.get("ngram_range") is not None:
-            tfidf["ngram_range"] = tuple(tfidf["ngram_range"])
-        vectorizer = TfidfVectorizer(**tfidf, vocabulary=vocab)
-        vectorizer.idf_ = idf
-        return cls(vectorizer, centroids, int(meta.get("seed", 0)))
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file; save a ClusterModel there first")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ClusterModelError(f"{path}: not valid JSON ({err}); the file is corrupt") from err
-    keys = set(meta) if isinstance(meta, dict) else set()
-    missing = {"format_version", "k", "tfidf", "vocabulary"} - keys
-    if missing:
-        raise ClusterModelError(f"{path}: not a cluster model file (missing {sorted(missing)})")
-    if meta["format_version"] != _FORMAT_VERSION:
-        raise ClusterModelError(f"{path}: unsupported format_version {meta['format_version']}")
-    return meta
-
-
-def _read_tensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file; save a ClusterModel there first")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ClusterModelError(f"{path}: not a readable safetensors file ({err})") from err
-    missing = {"centroids", "idf"} - set(tensors)
-    if missing:
-        raise ClusterModelError(f"{path}: missing tensors {sorted(missing)}")
-    return tensors
 
 
 # --------------------------------------------------------------------------- reporting
@@ -496,9 +291,6 @@ def domain_cluster_table(labels: Sequence[int], domains: Sequence[str]) -> str:
 
 def plot_sse(selection: KSelection, path: str | os.PathLike) -> None:
     """Save a PNG of the SSE curve (chosen k marked) with silhouette scores on a second axis."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(6, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -527,7 +319,68 @@ def plot_sse(selection: KSelection, path: str | os.PathLike) -> None:
     fig.savefig(os.fspath(path), format="png")
 
 
-def select_num_heads(texts: Sequence[str], k_max: int = 10, seed: int = 0) -> dict[str, Any]:
+def select_num_heads(texts: Sequence[str], k_max: int = K_MAX, seed: int = 0) -> dict[str, Any]:
     """`choose_k` on TF-IDF of the instructions, as the record stored in adapter_config.json."""
     selection = choose_k(list(texts), k_max=min(k_max, len(texts)), seed=seed)
     return {**selection.to_dict(), "features": "tfidf", "k_max": k_max, "seed": seed}
+
+
+# --------------------------------------------------------------------------- the command
+
+
+@dataclass
+class ClusterOptions:
+    """Choose k: TF-IDF (or embeddings) + k-means + elbow."""
+
+    data: list[str] = field(default_factory=list, metadata={"required": True})
+    """Data files, or 'builtin' (the built-in mixture's train split)."""
+    output: str = field(default="", metadata={"required": True})
+    """Directory for clusters.json, labels.jsonl, sse.png and the cluster model."""
+    k_max: int = K_MAX
+    """Largest k tried."""
+    features: str = field(default="tfidf", metadata={"choices": ("tfidf", "embeddings")})
+    """tfidf, or embeddings (mean-pooled hidden states of --model)."""
+    model: str = DEFAULT_MODEL
+    """Model for --features embeddings."""
+    seed: int = 0
+    """Seed of k-means."""
+
+
+def run_cluster(opts: ClusterOptions) -> dict[str, Any]:
+    """The `hydralora cluster` command: choose k, write the results, print the curves."""
+    out = Path(opts.output)
+    examples = load_examples(resolve_builtin(opts.data, out / "data", "train"))
+    texts = [e.instruction for e in examples]
+    if opts.k_max > len(texts):
+        raise ConfigError(
+            f"--k-max {opts.k_max} is more clusters than the {len(texts)} examples; "
+            f"pass --k-max {len(texts)} or less"
+        )
+    features: Any = texts
+    if opts.features == "embeddings":
+        model, tokenizer = load_model(opts.model)
+        features = embedding_features(texts, model, tokenizer)
+    selection = choose_k(features, k_max=opts.k_max, seed=opts.seed)
+    result = {**selection.to_dict(), "features": opts.features, "examples": len(texts)}
+    domains = [e.domain for e in examples]
+    has_domains = all(d is not None for d in domains)
+    if has_domains:
+        result["purity"] = purity(selection.labels, domains)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "clusters.json", result)
+    with atomic_write(out / "labels.jsonl") as tmp:
+        with open(tmp, "w") as f:
+            for e, label in zip(examples, selection.labels):
+                f.write(json.dumps({"source": e.source, "domain": e.domain, "cluster": label}) + "\n")
+    plot_sse(selection, out / "sse.png")
+    if opts.features == "tfidf":
+        ClusterModel.fit(texts, selection.k, seed=opts.seed).save(out)
+    print(f"k = {selection.k}  ({selection.method})")
+    print("k:          " + " ".join(f"{k:>7d}" for k in selection.k_values))
+    print("SSE:        " + " ".join(f"{v:7.1f}" for v in selection.sse))
+    print("silhouette: " + " ".join("      -" if v is None else f"{v:7.3f}" for v in selection.silhouette))
+    if has_domains:
+        print(f"purity against the 'domain' field: {result['purity']:.3f}")
+        print(domain_cluster_table(selection.labels, domains))
+    print(f"wrote {out / 'clusters.json'}, {out / 'labels.jsonl'}, {out / 'sse.png'}")
+    return result

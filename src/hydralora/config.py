@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+from .files import read_json_object
+
 ROUTERS = ("softmax", "topk", "uniform")
 ROUTER_INPUTS = ("x", "a")
 HEAD_INITS = ("zero", "random")
@@ -20,24 +23,6 @@ ROUTER_INITS = ("kaiming", "zero")
 
 # Keys that `save_adapter` adds to adapter_config.json beside the config fields.
 METADATA_KEYS = ("peft_type", "base_model_name_or_path", "hydralora_version")
-
-
-class ConfigError(ValueError):
-    """A HydraLoRA configuration value is invalid; the message names the key and the fix."""
-
-
-def read_json_object(path: str | Path, missing: str = "no such file") -> dict[str, Any]:
-    """A JSON object from `path`; errors name the file (and line) and what is wrong."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: {missing}") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}, line {err.lineno}: not valid JSON ({err.msg})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return data
 
 
 @dataclass
@@ -178,6 +163,8 @@ class HydraLoraConfig:
             )
         return cls.from_dict(data, source=str(path))
 
+
+__all__ = ["ConfigError", "HydraLoraConfig", "read_json_object"]
 
 TRAIN_ADAPTER_DEFAULTS: dict[str, Any] = {"init_heads": "random"}
 """Where training departs from HydraLoraConfig's defaults (the paper's): the best setting of the

@@ -4,13 +4,18 @@ per-domain held-out loss before and after, and one generated answer per domain."
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .evaluate import loss_table
-from .train import TrainConfig, run_training
+from .base_models import DEFAULT_MODEL
+from .data import Example, load_examples
+from .eval.generation import generate
+from .eval.loss import loss_table
+from .train.config import TrainConfig
+from .train.run import run_training
 
 DEMO_SETTINGS = {
-    "model": "smollm2-135m",
+    "model": DEFAULT_MODEL,
     "data": ["builtin"],
     "eval_data": ["builtin"],
     "builtin_train_per_domain": 100,
@@ -26,8 +31,21 @@ DEMO_SETTINGS = {
 }
 
 
-def run_demo(output: str | Path = "runs/demo", max_steps: int = 6, method: str = "hydralora") -> dict:
-    cfg = TrainConfig(**DEMO_SETTINGS, output=str(output), max_steps=max_steps, method=method)
+@dataclass
+class DemoOptions:
+    """A short real fine-tune of SmolLM2 on the built-in mixture, with results printed."""
+
+    output: str = "runs/demo"
+    """Run directory."""
+    max_steps: int = 6
+    """Optimizer steps (8 examples each)."""
+    method: str = field(default="hydralora", metadata={"choices": ("hydralora", "lora")})
+    """hydralora, or lora (the PEFT LoRA baseline)."""
+
+
+def run_demo(opts: DemoOptions | None = None) -> dict:
+    opts = opts or DemoOptions()
+    cfg = TrainConfig(**DEMO_SETTINGS, output=opts.output, max_steps=opts.max_steps, method=opts.method)
     summary, model, tokenizer = run_training(cfg)
     print("\nHeld-out loss per domain (mean cross-entropy per response token, lower is better):")
     print(loss_table({"base model": summary["eval"]["base"],
@@ -38,11 +56,8 @@ def run_demo(output: str | Path = "runs/demo", max_steps: int = 6, method: str =
 
 def print_samples(cfg: TrainConfig, model, tokenizer) -> None:
     """Generate one answer per domain of the held-out split with the trained adapter."""
-    from .data import load_examples
-    from .generation import generate
-
     test = load_examples([Path(cfg.output) / "data" / "test.jsonl"])
-    first: dict[str, object] = {}
+    first: dict[str | None, Example] = {}
     for ex in test:
         first.setdefault(ex.domain, ex)
     examples = list(first.values())

@@ -17,23 +17,47 @@ next to the dynamic one on --data.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from .config import ConfigError, read_json_object
-from .data import group_by_domain
+from .base_models import DEFAULT_MODEL
+from .data import DEFAULT_MAX_LENGTH, group_by_domain, load_examples, tokenize_examples
+from .errors import ConfigError
+from .eval.loss import domain_losses
+from .files import check_output_dir, read_json_object, staged_dir
+from .methods import adapter_kind, load_model_with_adapter
 from .model import hydralora_layers, remove_hydralora
+from .routing import gate_statistics
 
 FORMATS = ("peft-lora", "merged")
+
+
+@dataclass
+class ExportOptions:
+    """Export a HydraLoRA adapter as a PEFT LoRA or a merged model."""
+
+    adapter: str = field(default="", metadata={"required": True})
+    """HydraLoRA adapter directory."""
+    output: str = field(default="", metadata={"required": True})
+    """Directory to write (refused if it exists and is not empty, unless --overwrite)."""
+    model: str = DEFAULT_MODEL
+    """Base model: hub id, local directory, .gguf file, or built-in name."""
+    format: str = field(default="peft-lora", metadata={"choices": FORMATS})
+    """peft-lora (a PEFT LoRA directory) or merged (a full transformers model)."""
+    gates: str = "uniform"
+    """uniform | mean | domain=NAME (both need --data) | a JSON file {layer: [g...]}."""
+    data: list[str] | None = None
+    """Calibration / held-out file(s)."""
+    overwrite: bool = False
+    """Allow replacing a non-empty --output."""
+    max_length: int = DEFAULT_MAX_LENGTH
+    """Tokens per calibration example."""
 
 
 def gates_from_file(path: str | Path, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -71,8 +95,6 @@ def check_gate_vector(values: Any, k: int, where: str) -> torch.Tensor:
 def mean_gates(model: nn.Module, features: list[dict[str, Any]], pad_token_id: int,
                batch_size: int = 8) -> dict[str, torch.Tensor]:
     """Per layer, the router's mean gate vector over the real tokens of `features`."""
-    from .routing import gate_statistics
-
     if not features:
         raise ConfigError("no examples to average the gates over (check --data and the domain name)")
     stats = gate_statistics(model, features, pad_token_id, batch_size)
@@ -113,39 +135,6 @@ def unmerge_all(model: nn.Module) -> None:
             layer.unmerge()
 
 
-def check_output(output: Path, overwrite: bool, keep: Path | None = None) -> None:
-    """Refuse an output that exists (unless overwriting), is a file, or would swallow `keep`."""
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"{output} exists and is not a directory")
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise ConfigError(f"{output} exists and is not empty; choose another --output or pass --overwrite")
-    if keep is not None:
-        out, src = output.resolve(), keep.resolve()
-        if out == src or out in src.parents:
-            raise ConfigError(f"--output {output} would replace the adapter {keep} itself")
-
-
-@contextlib.contextmanager
-def staged_output(output: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `output` by renames, on
-    failure it is removed and `output` is untouched."""
-    check_output(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
-        yield tmp
-        if output.exists():
-            backup = output.with_name(f".{output.name}.old-{os.getpid()}")
-            os.replace(output, backup)
-            os.replace(tmp, output)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def export_peft_lora(model: nn.Module, gates: dict[str, torch.Tensor], output: str | Path,
                      base_model_name: str | None = None, overwrite: bool = False,
                      report: dict[str, Any] | None = None) -> Path:
@@ -154,15 +143,13 @@ def export_peft_lora(model: nn.Module, gates: dict[str, torch.Tensor], output: s
     Consumes the HydraLoRA layers: `model` becomes a PeftModel-free base model again afterwards
     (the caller should reload if it needs the HydraLoRA model).
     """
-    from peft import LoraConfig, get_peft_model
-
     layers = hydralora_layers(model)
     cfg = next(iter(layers.values())).config
     factors = {name: layer.fixed_gate_factors(gates[name]) for name, layer in layers.items()}
     rank = cfg.r if cfg.shared_a else cfg.r * cfg.num_heads
     scaling = cfg.scaling
     output = Path(output)
-    with staged_output(output, overwrite) as tmp:
+    with staged_dir(output, overwrite) as tmp:
         remove_hydralora(model)
         lora = LoraConfig(r=rank, lora_alpha=scaling * rank, lora_dropout=0.0,
                           target_modules=sorted(layers), bias="none", task_type="CAUSAL_LM",
@@ -185,7 +172,7 @@ def export_merged(model: nn.Module, gates: dict[str, torch.Tensor], tokenizer, o
                   overwrite: bool = False, report: dict[str, Any] | None = None) -> Path:
     """Fold the fixed-gate update into the base weights and save a plain transformers model."""
     output = Path(output)
-    with staged_output(output, overwrite) as tmp:
+    with staged_dir(output, overwrite) as tmp:
         merge_fixed(model, gates)
         remove_hydralora(model, keep_merged=True)
         model.save_pretrained(tmp)
@@ -200,24 +187,21 @@ def _write_report(folder: Path, report: dict[str, Any] | None, gates: dict[str, 
                   f, indent=1)
 
 
-def run_export(model_name: str, adapter: str, output: str, fmt: str, gates_spec: str,
-               data: list[str] | None = None, overwrite: bool = False, max_length: int = 512) -> dict:
+def run_export(opts: ExportOptions) -> dict:
     """The `hydralora export` command: resolve gates, report the cost of fixing them, export."""
-    from .data import load_examples, tokenize_examples
-    from .evaluate import domain_losses
-    from .models import adapter_kind, load_model_with_adapter
-
-    if fmt not in FORMATS:
-        raise ConfigError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    if adapter_kind(adapter) != "hydralora":
-        raise ConfigError(f"{adapter}: export takes a HydraLoRA adapter (PEFT adapters need no export)")
-    check_output(Path(output), overwrite, keep=Path(adapter))
-    model, tokenizer = load_model_with_adapter(model_name, adapter)
+    if opts.format not in FORMATS:
+        raise ConfigError(f"--format {opts.format!r}: choose one of {', '.join(FORMATS)}")
+    if adapter_kind(opts.adapter) != "hydralora":
+        raise ConfigError(f"{opts.adapter}: export takes a HydraLoRA adapter (PEFT adapters need no export)")
+    output = Path(opts.output)
+    check_output_dir(output, opts.overwrite, keep=Path(opts.adapter))
+    model, tokenizer = load_model_with_adapter(opts.model, opts.adapter)
     features = None
-    if data:
-        features, _ = tokenize_examples(load_examples(data), tokenizer, max_length, skip_overlong=True)
-    gates = resolve_gates(model, gates_spec, features, tokenizer.pad_token_id)
-    report: dict[str, Any] = {"format": fmt, "gates": gates_spec, "source_adapter": str(adapter)}
+    if opts.data:
+        features, _ = tokenize_examples(load_examples(opts.data), tokenizer, opts.max_length,
+                                        skip_overlong=True)
+    gates = resolve_gates(model, opts.gates, features, tokenizer.pad_token_id)
+    report: dict[str, Any] = {"format": opts.format, "gates": opts.gates, "source_adapter": str(opts.adapter)}
     if features:
         dynamic = domain_losses(model, features, tokenizer.pad_token_id)
         merge_fixed(model, gates)
@@ -225,14 +209,14 @@ def run_export(model_name: str, adapter: str, output: str, fmt: str, gates_spec:
         unmerge_all(model)
         report.update(dynamic=dynamic, fixed=fixed)
         print("held-out loss with dynamic routing vs the exported fixed gates "
-              f"(--gates {gates_spec}):")
+              f"(--gates {opts.gates}):")
         for domain in dynamic:
             d, f = dynamic[domain]["loss"], fixed[domain]["loss"]
             print(f"  {domain:>10}: dynamic {d:.4f}  fixed {f:.4f}  ({f - d:+.4f})")
-    if fmt == "peft-lora":
-        export_peft_lora(model, gates, output, base_model_name=model_name, overwrite=overwrite,
+    if opts.format == "peft-lora":
+        export_peft_lora(model, gates, output, base_model_name=opts.model, overwrite=opts.overwrite,
                          report=report)
     else:
-        export_merged(model, gates, tokenizer, output, overwrite=overwrite, report=report)
-    print(f"wrote {fmt} export to {output}")
+        export_merged(model, gates, tokenizer, output, overwrite=opts.overwrite, report=report)
+    print(f"wrote {opts.format} export to {output}")
     return report

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError, HydraLoraConfig
+from .config import HydraLoraConfig
+from .errors import ConfigError
 
 try:  # GPT-2 style Conv1D (y = x W + b with W stored as in x out)
     from transformers.pytorch_utils import Conv1D

@@ -11,15 +11,19 @@ import contextlib
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import ConfigError, HydraLoraConfig
+from .config import HydraLoraConfig
+from .errors import AdapterError, ConfigError
+from .files import atomic_write
 from .layer import SUPPORTED_BASE_TYPES, HydraLoraLinear
 
 CONFIG_NAME = "adapter_config.json"
@@ -28,8 +32,11 @@ _CONFIG_ATTR = "hydralora_config"
 _FROZEN_ATTR = "_hydralora_requires_grad"
 
 
-class AdapterError(RuntimeError):
-    """An adapter does not fit the model, or its files are missing or broken."""
+def package_version() -> str:
+    try:
+        return version("hydralora")
+    except PackageNotFoundError:  # running from a source tree that was not installed
+        return "unknown"
 
 
 def target_matches(name: str, targets: list[str] | str) -> bool:
@@ -207,10 +214,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, overwrite: bool = Tr
     half-written file and keeps the previous adapter. Other files in `path` (checkpoints,
     logs) are left alone. With `overwrite=False` an existing adapter at `path` is an error.
     """
-    from safetensors.torch import save_file
-
-    from . import __version__
-
     config = get_config(model)
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -224,7 +227,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, overwrite: bool = Tr
     meta.update(
         peft_type="HYDRALORA",
         base_model_name_or_path=_base_model_name(model),
-        hydralora_version=__version__,
+        hydralora_version=package_version(),
     )
     path.mkdir(parents=True, exist_ok=True)
     with atomic_write(path / WEIGHTS_NAME) as tmp:
@@ -234,38 +237,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, overwrite: bool = Tr
     return path
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_write(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; on success fsync it and rename it to `target`.
-
-    On any failure the temporary file is removed and `target` is untouched.
-    """
-    target = Path(target)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def read_adapter(path: str | os.PathLike) -> tuple[HydraLoraConfig, dict[str, torch.Tensor]]:
     """Config and tensors of an adapter directory, with errors that name the broken file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_dir():
         raise AdapterError(f"{path}: no such adapter directory")

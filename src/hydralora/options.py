@@ -18,7 +18,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from .errors import ConfigError
+from .files import read_yaml_mapping
 
 REGEX_CHARS = set("*^$|()[]\\+?")
 
@@ -68,8 +69,10 @@ def add_dataclass_flags(
     aliases: dict[str, list[str]] | None = None,
     defaults: dict[str, Any] | None = None,
 ) -> None:
-    """Add one flag per field; defaults are SUPPRESSed so only flags given show up. `defaults`
-    names values that the command uses instead of the dataclass's (shown in the help)."""
+    """Add one flag per field; defaults are SUPPRESSed so only flags given show up, and the
+    dataclass supplies the rest (its defaults are the only ones). `defaults` names values that
+    the command uses instead of the dataclass's (shown in the help). Field metadata:
+    `positional` (an argument, not a flag), `required`, `choices`, `aliases`."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     group = parser.add_argument_group(cls.__name__)
@@ -85,8 +88,14 @@ def add_dataclass_flags(
         )
         if defaults and f.name in defaults:
             default = f"{defaults[f.name]}; {cls.__name__}'s own default: {default}"
-        help_text = docs.get(f.name, "") + f" (default: {default})"
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        meta = f.metadata
+        required = bool(meta.get("required") or meta.get("positional"))
+        help_text = docs.get(f.name, "") + ("" if required else f" (default: {default})")
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
+        if "choices" in meta:
+            kwargs["choices"] = meta["choices"]
+        if "metavar" in meta:
+            kwargs["metavar"] = meta["metavar"]
         if types_override and f.name in types_override:
             kwargs["type"] = types_override[f.name]
         elif kind == "bool":
@@ -95,7 +104,21 @@ def add_dataclass_flags(
             kwargs["nargs"] = "+"
         else:
             kwargs["type"] = {"int": int, "float": float, "str": str}[kind]
-        group.add_argument(flag, *(aliases or {}).get(f.name, []), **kwargs)
+        if meta.get("positional"):
+            if kind in ("list", "list|str"):
+                kwargs["nargs"] = "+"
+            group.add_argument(f.name, **kwargs)
+            continue
+        if meta.get("required"):
+            kwargs["required"] = True
+        names = [flag, *(aliases or {}).get(f.name, []), *meta.get("aliases", ())]
+        group.add_argument(*names, dest=f.name, **kwargs)
+
+
+def options_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """An instance of the dataclass `cls` from the flags given (the rest: its defaults)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
 def normalize_targets(value: Any) -> Any:
@@ -107,21 +130,8 @@ def normalize_targets(value: Any) -> Any:
 
 def read_yaml_config(path: str | Path, known: set[str]) -> dict[str, Any]:
     """Flat YAML mapping of field names (dashes or underscores); unknown keys are an error."""
-    import yaml
-
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f", line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({err})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of option: value")
+    data = read_yaml_mapping(path)
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")

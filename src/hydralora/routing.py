@@ -13,11 +13,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from .data import Collator, group_by_domain
 from .layer import RouterStats
-from .model import hydralora_layers
+from .model import hydralora_layers, set_token_mask
 
 
 def start_router_stats(model: nn.Module) -> None:
@@ -31,9 +33,6 @@ def gate_statistics(model: nn.Module, features: list[dict[str, Any]], pad_token_
                     batch_size: int = 8) -> dict[str, dict[str, Any]]:
     """Router statistics per layer (mean gate, top-1 share, entropy) over the real tokens of
     tokenized `features`, computed in eval mode."""
-    from .data import Collator
-    from .model import set_token_mask
-
     was_training = model.training
     model.eval()
     start_router_stats(model)
@@ -119,3 +118,24 @@ def domain_gate_spread(per_domain_gates: dict[str, torch.Tensor]) -> float:
         for j in range(i + 1, len(means))
     ]
     return sum(dists) / len(dists)
+
+
+def gates_by_domain(model, features, pad_token_id: int) -> dict[str, dict[str, dict[str, Any]]]:
+    """{domain: {layer: stats}} for the examples of each domain."""
+    groups = group_by_domain(features)
+    return {d: gate_statistics(model, groups[d], pad_token_id) for d in sorted(groups)}
+
+
+def router_report(per_domain: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    domains = list(per_domain)
+    layers = list(next(iter(per_domain.values())))
+    k = len(next(iter(next(iter(per_domain.values())).values()))["mean_gate"])
+    mean = {d: np.mean([per_domain[d][l]["mean_gate"] for l in layers], axis=0).tolist() for d in domains}
+    entropy = {d: float(np.mean([per_domain[d][l]["entropy"] for l in layers])) for d in domains}
+    spread = {l: domain_gate_spread({d: torch.tensor(per_domain[d][l]["mean_gate"]) for d in domains})
+              for l in layers}
+    return {"domains": domains, "layers": layers, "num_heads": k, "mean_gate_by_domain": mean,
+            "entropy_by_domain": entropy, "max_entropy": math.log(k) if k > 1 else 0.0,
+            "domain_spread_by_layer": spread,
+            "domain_spread_mean": float(np.mean(list(spread.values()))),
+            "per_layer": {l: {d: per_domain[d][l]["mean_gate"] for d in domains} for l in layers}}

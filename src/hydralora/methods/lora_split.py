@@ -17,16 +17,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+from peft import PeftModel, get_peft_model
 from torch import nn
 
-from .config import HydraLoraConfig
-from .model import AdapterError, atomic_write
+from ..cluster_model import ClusterModel
+from ..config import HydraLoraConfig
+from ..data import Example
+from ..errors import AdapterError
+from ..files import temporary_dir, write_json
+from .base import Built, Method, TrainPart
+from .peft_lora import lora_config
 
 SPLIT_FILE = "lora_split.json"
+SPLIT_MODES = ("budget", "each")
 
 
 def split_ranks(r: int, k: int, mode: str = "budget") -> list[int]:
@@ -48,7 +55,7 @@ def adapter_name(i: int) -> str:
 class SplitRouter:
     """Routes prompts to the adapter of their nearest TF-IDF centroid."""
 
-    def __init__(self, cluster_model: Any):
+    def __init__(self, cluster_model: ClusterModel):
         self.cluster_model = cluster_model
 
     def route(self, instructions: list[str]) -> list[str]:
@@ -56,90 +63,61 @@ class SplitRouter:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SplitRouter:
-        from .clustering import ClusterModel
-
         return cls(ClusterModel.load(path))
 
 
-def train_lora_split(cfg, adapter: HydraLoraConfig, model: nn.Module, examples, features,
-                     tokenizer, use_bf16: bool) -> tuple[nn.Module, dict[str, Any]]:
-    """Cluster the training examples, train one PEFT LoRA per cluster, save them together."""
-    from peft import LoraConfig, get_peft_model
-
-    from .clustering import ClusterModel
-    from .train import CHECKPOINTS, fit, is_main_process, log
-
+def build(model: nn.Module, adapter: HydraLoraConfig, seed: int, examples: list[Example],
+          options: dict[str, Any]) -> Built:
+    """Cluster the training examples and attach one PEFT LoRA per cluster; each is trained on
+    its cluster's examples, with the run's steps shared in proportion to cluster size.
+    Every LoRA of a comparison gets the same alpha whatever its rank (the authors fix
+    alpha=32): a cluster's adapter is an ordinary LoRA of its rank, scaled alpha / r_i."""
     k = adapter.num_heads
     instructions = [e.instruction for e in examples]
     if k > len(instructions):
         raise AdapterError(f"LoRA-Split with k={k} clusters needs at least {k} examples")
-    clusters = ClusterModel.fit(instructions, k, seed=cfg.seed)
-    label_of = dict(zip((e.source for e in examples), clusters.labels))
-    ranks = split_ranks(adapter.r, k, cfg.split_ranks)
-    # Every LoRA of a comparison gets the same alpha, whatever its rank (the authors fix alpha=32):
-    # a cluster's adapter is an ordinary LoRA of its rank, scaled alpha / r_i like any other.
-    groups = [[f for f in features if label_of[f["source"]] == i] for i in range(k)]
-    sizes = [len(g) for g in groups]
-    log(f"LoRA-Split: {k} clusters of {sizes} examples, ranks {ranks}")
-    total_examples = sum(sizes)
-    output = Path(cfg.output)
+    clusters = ClusterModel.fit(instructions, k, seed=seed)
+    ranks = split_ranks(adapter.r, k, options.get("split_ranks", "budget"))
+    members: list[set[str]] = [set() for _ in range(k)]
+    for example, label in zip(examples, clusters.labels):
+        members[label].add(example.source)
+    sizes = [len(m) for m in members]
+    torch.manual_seed(seed)
     peft_model = None
-    run: dict[str, Any] = {"steps": 0, "tokens": 0, "seconds": 0.0, "train_loss": 0.0}
     for i in range(k):
-        lora = LoraConfig(r=ranks[i], lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
-                          target_modules=adapter.target_modules, task_type="CAUSAL_LM")
         if peft_model is None:
-            peft_model = get_peft_model(model, lora, adapter_name=adapter_name(i))
+            peft_model = get_peft_model(model, lora_config(adapter, ranks[i]), adapter_name=adapter_name(i))
         else:
-            peft_model.add_adapter(adapter_name(i), lora)
-        peft_model.set_adapter(adapter_name(i))  # only this adapter trains
-        if not groups[i]:
-            continue
-        steps = -1 if cfg.max_steps < 0 else max(1, round(cfg.max_steps * sizes[i] / total_examples))
-        part = fit(cfg, peft_model, groups[i], tokenizer, output / CHECKPOINTS / adapter_name(i),
-                   steps, use_bf16, label=f"LoRA-Split adapter {i} (r={ranks[i]}, {sizes[i]} examples)")
-        peft_model = part["model"]
-        run["steps"] += part["steps"]
-        run["tokens"] += part["tokens"]
-        run["seconds"] += part["seconds"]
-        run["train_loss"] += part["train_loss"] * sizes[i] / total_examples
-        run["final_loss"] = part["final_loss"]
-    trainable = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
-    total = sum(p.numel() for p in peft_model.parameters())
-    run.update(trainable=trainable, total=total, router=SplitRouter(clusters),
-               clusters={"k": k, "sizes": sizes, "ranks": ranks})
-    if is_main_process():
-        save_lora_split(peft_model, clusters, output, ranks, sizes, cfg.model, adapter.alpha)
-    peft_model.eval()
-    return peft_model, run
+            peft_model.add_adapter(adapter_name(i), lora_config(adapter, ranks[i]))
+    parts = [TrainPart(adapter_name=adapter_name(i), sources=members[i], share=sizes[i] / len(examples),
+                       label=f"LoRA-Split adapter {i} (r={ranks[i]}, {sizes[i]} examples)",
+                       checkpoint_subdir=adapter_name(i))
+             for i in range(k) if sizes[i]]
+    return Built(peft_model, parts, router=SplitRouter(clusters),
+                 state={"clusters": clusters, "ranks": ranks, "sizes": sizes, "alpha": adapter.alpha},
+                 summary={"clusters": {"k": k, "sizes": sizes, "ranks": ranks}})
 
 
-def save_lora_split(peft_model, clusters, output: Path, ranks, sizes, base_model: str,
-                    alpha: float) -> None:
+def save(built: Built, output: Path, base_model: str) -> None:
     """PEFT's files of every adapter, the cluster model and lora_split.json (written last)."""
-    clusters.save(output)
-    tmp = Path(tempfile.mkdtemp(prefix=".lora-split-", dir=output))
-    try:
-        peft_model.save_pretrained(tmp)
+    ranks, sizes, alpha = built.state["ranks"], built.state["sizes"], built.state["alpha"]
+    built.state["clusters"].save(output)
+    with temporary_dir(output, ".lora-split-") as tmp:
+        built.model.save_pretrained(tmp)
         for i in range(len(ranks)):
             target = output / adapter_name(i)
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp / adapter_name(i), target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     meta = {"peft_type": "LORA_SPLIT", "k": len(ranks), "ranks": ranks, "cluster_sizes": sizes,
             "alpha": alpha, "scaling": [alpha / r for r in ranks],
             "adapters": [adapter_name(i) for i in range(len(ranks))],
             "base_model_name_or_path": base_model}
-    with atomic_write(output / SPLIT_FILE) as f:
-        f.write_text(json.dumps(meta, indent=2) + "\n")
+    write_json(output / SPLIT_FILE, meta)
 
 
-def load_lora_split(model: nn.Module, path: str | os.PathLike) -> tuple[nn.Module, SplitRouter]:
+def load(model: nn.Module, path: Path) -> tuple[nn.Module, SplitRouter]:
     """The base model with every cluster adapter loaded (eval mode) and the prompt router."""
-    from peft import PeftModel
-
     path = Path(path)
     try:
         meta = json.loads((path / SPLIT_FILE).read_text())
@@ -154,3 +132,25 @@ def load_lora_split(model: nn.Module, path: str | os.PathLike) -> tuple[nn.Modul
         peft_model.load_adapter(str(path / name), adapter_name=name)
     peft_model.eval()
     return peft_model, SplitRouter.load(path)
+
+
+def describe(path: Path) -> dict[str, Any]:
+    return {"config": json.loads((path / SPLIT_FILE).read_text())}
+
+
+def format_info(info: dict[str, Any]) -> str:
+    c = info["config"]
+    return (f"{info['path']}: LoRA-Split, {c['k']} PEFT LoRA adapters (ranks {c['ranks']}), "
+            f"cluster sizes {c['cluster_sizes']}, base={c.get('base_model_name_or_path')}; "
+            "prompts go to the adapter of their nearest TF-IDF centroid")
+
+
+def variant(adapter: HydraLoraConfig, options: dict[str, Any]) -> str:
+    ranks = split_ranks(adapter.r, adapter.num_heads, options.get("split_ranks", "budget"))
+    return f"LoRA-Split {adapter.num_heads} x r={ranks[0]} (PEFT, one LoRA per k-means cluster)"
+
+
+METHOD = Method(name="lora-split", files=(SPLIT_FILE, "cluster_model.json", "cluster_model.safetensors",
+                                          "cluster_*"),
+                build=build, save=save, load=load, describe=describe, format=format_info,
+                variant=variant)

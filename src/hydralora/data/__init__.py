@@ -1,0 +1,23 @@
+"""Data: files -> examples (`records`), examples -> tokens with response-only labels
+(`tokenize`), and the built-in offline mixture (`builtin`)."""
+
+from ..errors import DataError
+from .records import Example, load_examples, read_records
+from .tokenize import (
+    DEFAULT_MAX_LENGTH,
+    IGNORE_INDEX,
+    Collator,
+    TokenizedDataset,
+    TokenizeReport,
+    bos_ids,
+    group_by_domain,
+    render_prompt,
+    tokenize_example,
+    tokenize_examples,
+)
+
+__all__ = [
+    "DEFAULT_MAX_LENGTH", "IGNORE_INDEX", "Collator", "DataError", "Example", "TokenizeReport",
+    "TokenizedDataset", "bos_ids", "group_by_domain", "load_examples", "read_records",
+    "render_prompt", "tokenize_example", "tokenize_examples",
+]

@@ -1,0 +1,88 @@
+"""Adapter methods behind one interface (`base.Method`); the only place that picks one.
+
+    hydralora    this package's HydraLoRA layers
+    lora         PEFT LoRA (the baseline)
+    lora-split   k PEFT LoRAs, one per k-means cluster, routed by the prompt's cluster
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..base_models import DEFAULT_DTYPE, load_model
+from ..errors import AdapterError, ConfigError
+from ..model import CONFIG_NAME
+from . import hydralora, lora_split, peft_lora
+from .base import Built, Method, PromptRouter, TrainPart
+
+METHODS: dict[str, Method] = {m.name: m for m in (hydralora.METHOD, peft_lora.METHOD, lora_split.METHOD)}
+PEFT_TYPES = {"HYDRALORA": "hydralora", "LORA": "lora"}
+
+__all__ = ["METHODS", "Built", "Method", "PromptRouter", "TrainPart", "adapter_kind", "describe",
+           "get_method", "load_model_with_adapter"]
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ConfigError(f"--method {name!r}: choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def adapter_kind(path: str | os.PathLike) -> str:
+    """The method that wrote an adapter folder: 'hydralora', 'lora' (PEFT) or 'lora-split'."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterError(f"{path}: no such adapter directory")
+    if (path / lora_split.SPLIT_FILE).exists():
+        return "lora-split"
+    config_file = path / CONFIG_NAME
+    if not config_file.exists():
+        raise AdapterError(f"{path}: missing {CONFIG_NAME}; is this an adapter directory?")
+    try:
+        peft_type = json.loads(config_file.read_text()).get("peft_type")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise AdapterError(f"{config_file}: not a JSON object ({err})") from None
+    if peft_type not in PEFT_TYPES:
+        raise AdapterError(f"{config_file}: unsupported peft_type {peft_type!r}")
+    return PEFT_TYPES[peft_type]
+
+
+def describe(path: str | os.PathLike) -> dict:
+    """What `hydralora info` shows: the folder's method and its facts."""
+    kind = adapter_kind(path)
+    return {"path": str(path), "kind": kind, **METHODS[kind].describe(Path(path))}
+
+
+def format_description(info: dict) -> str:
+    return METHODS[info["kind"]].format(info)
+
+
+def load_model_with_adapter(
+    name_or_path: str,
+    adapter: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = DEFAULT_DTYPE,
+    trust_remote_code: bool = False,
+    with_router: bool = False,
+):
+    """(model, tokenizer) with a HydraLoRA, PEFT LoRA or LoRA-Split adapter applied when one is
+    given; with `with_router`, (model, tokenizer, router) where router routes prompts to
+    LoRA-Split adapters (None for the other kinds)."""
+    kind = adapter_kind(adapter) if adapter else None  # check before the slow model load
+    model, tokenizer = load_model(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    router = None
+    if kind is not None:
+        model, router = METHODS[kind].load(model, Path(adapter))
+    model.eval()
+    return (model, tokenizer, router) if with_router else (model, tokenizer)
+
+
+def count_adapter_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) of a model under training (PEFT's inactive adapters are counted too:
+    LoRA-Split's budget is all of its adapters)."""
+    trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad or "lora_" in n)
+    return trainable, sum(p.numel() for p in model.parameters())

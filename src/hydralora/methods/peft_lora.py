@@ -1,0 +1,64 @@
+"""The PEFT LoRA baseline: same targets, rank, alpha and dropout as the HydraLoRA config."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from ..config import HydraLoraConfig
+from ..data import Example
+from ..files import temporary_dir
+from ..model import CONFIG_NAME
+from .base import Built, Method, one_part
+
+
+def lora_config(adapter: HydraLoraConfig, r: int | None = None) -> LoraConfig:
+    return LoraConfig(r=r or adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+                      target_modules=adapter.target_modules, task_type="CAUSAL_LM")
+
+
+def build(model: nn.Module, adapter: HydraLoraConfig, seed: int, examples: list[Example],
+          options: dict[str, Any]) -> Built:
+    torch.manual_seed(seed)
+    return Built(get_peft_model(model, lora_config(adapter)), one_part(variant(adapter, options)))
+
+
+def save_peft_files(model: nn.Module, output: Path) -> None:
+    """PEFT's own files, each moved into place atomically (the config last)."""
+    with temporary_dir(output, ".peft-") as tmp:
+        model.save_pretrained(tmp)
+        for f in sorted(tmp.iterdir(), key=lambda p: p.name == CONFIG_NAME):
+            os.replace(f, output / f.name)
+
+
+def save(built: Built, output: Path, base_model: str) -> None:
+    save_peft_files(built.model, output)
+
+
+def load(model: nn.Module, path: Path) -> tuple[nn.Module, None]:
+    return PeftModel.from_pretrained(model, str(path)), None
+
+
+def describe(path: Path) -> dict[str, Any]:
+    return {"config": json.loads((path / CONFIG_NAME).read_text())}
+
+
+def format_info(info: dict[str, Any]) -> str:
+    c = info["config"]
+    return (f"{info['path']}: PEFT LoRA adapter, r={c.get('r')}, alpha={c.get('lora_alpha')}, "
+            f"targets={c.get('target_modules')}, base={c.get('base_model_name_or_path')}")
+
+
+def variant(adapter: HydraLoraConfig, options: dict[str, Any]) -> str:
+    alpha = "" if adapter.alpha == HydraLoraConfig().alpha else f", alpha={adapter.alpha:g}"
+    return f"LoRA r={adapter.r}{alpha} (PEFT)"
+
+
+METHOD = Method(name="lora", files=(CONFIG_NAME, "adapter_model.safetensors", "README.md"), build=build,
+                save=save, load=load, describe=describe, format=format_info, variant=variant)

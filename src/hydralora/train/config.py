@@ -1,0 +1,184 @@
+"""The options of a training run (everything but the adapter's own settings) and the
+choices that follow from them: the adapter config, bf16 or not."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..base_models import DEFAULT_DTYPE, DEFAULT_MODEL
+from ..clustering import K_MAX
+from ..config import TRAIN_ADAPTER_DEFAULTS, HydraLoraConfig
+from ..data import DEFAULT_MAX_LENGTH
+from ..data.builtin import TEST_PER_DOMAIN, TRAIN_PER_DOMAIN
+from ..errors import TrainingError
+from ..methods import METHODS
+from ..methods.lora_split import SPLIT_MODES
+
+# A run recorded (train_config.yaml) before train's defaults departed from the paper's had
+# these values; `--resume` of such a run fills them in for the keys its file lacks.
+RECORDED_RUN_DEFAULTS: dict[str, Any] = {"init_heads": "zero"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a run except the adapter's own settings (see HydraLoraConfig)."""
+
+    model: str = DEFAULT_MODEL
+    """Base model: hub id, local directory, .gguf file, or built-in name (smollm2-135m)."""
+    data: list[str] = field(default_factory=list)
+    """Training files (.jsonl, .json, .csv, .parquet); 'builtin' = the built-in mixture's train split."""
+    eval_data: list[str] = field(default_factory=list)
+    """Held-out files for per-domain loss before and after training; 'builtin' = its test split."""
+    eval_base: bool = True
+    """With --eval-data, also measure the base model's held-out loss before training."""
+    output: str = ""
+    """Output directory: the final adapter, train_config.yaml, summary.json, checkpoints/."""
+    method: str = "hydralora"
+    """hydralora; lora (PEFT LoRA, same data/schedule/targets); lora-split (k PEFT LoRAs, one per k-means cluster)."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 means use --epochs."""
+    epochs: float = 1.0
+    """Passes over the training data when --max-steps is -1 (the paper: 1)."""
+    lr: float = 2e-4
+    """Peak learning rate (the paper: 2e-4)."""
+    lr_scheduler: str = "cosine"
+    """Learning-rate schedule after warmup: cosine, linear, constant, ..."""
+    warmup_ratio: float = 0.03
+    """Share of the steps spent warming the learning rate up from 0 (the paper: 0.03)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (the paper: 0)."""
+    router_lr_multiplier: float = 10.0
+    """The routers learn at lr times this (the paper: 1; 10 with random heads was the best
+    setting of the head-diversity study in docs/results.md)."""
+    batch_size: int = 8
+    """Examples per step per process."""
+    grad_accum: int = 1
+    """Gradient accumulation steps (effective batch = batch_size * grad_accum * processes)."""
+    max_length: int = DEFAULT_MAX_LENGTH
+    """Tokens per example; longer examples are truncated (and counted)."""
+    skip_overlong: bool = False
+    """Drop examples whose response is truncated away entirely instead of stopping."""
+    seed: int = 0
+    """Seed of initialization, data order and dropout."""
+    bf16: str = "auto"
+    """bf16 autocast: auto (on when the processor supports it), true or false."""
+    dtype: str = DEFAULT_DTYPE
+    """Dtype of the base weights: float32, bfloat16, float16 or auto."""
+    logging_steps: int = 10
+    """Log loss, router statistics and head diversity every N steps."""
+    save_steps: int = 100
+    """Checkpoint every N steps (0: only the final adapter)."""
+    save_total_limit: int = 2
+    """Checkpoints kept on disk."""
+    resume: bool = False
+    """Continue from the last complete checkpoint in OUTPUT/checkpoints."""
+    overwrite: bool = False
+    """Allow writing over an adapter that OUTPUT already holds."""
+    k_max: int = K_MAX
+    """Largest k tried by --num-heads auto."""
+    split_ranks: str = "budget"
+    """lora-split: 'budget' gives each of the k adapters rank r/k (the paper's LoRA-Split), 'each' rank r."""
+    builtin_train_per_domain: int = TRAIN_PER_DOMAIN
+    """Examples per domain of the built-in mixture's train split."""
+    builtin_test_per_domain: int = TEST_PER_DOMAIN
+    """Examples per domain of the built-in mixture's test split."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with a hub model (off unless you trust it)."""
+    adapter: dict[str, Any] = field(default_factory=dict)
+    """HydraLoraConfig values (the CLI fills these from the adapter flags); TRAIN_ADAPTER_DEFAULTS
+    fills the keys not given."""
+
+    def __post_init__(self) -> None:
+        self.adapter = {**TRAIN_ADAPTER_DEFAULTS, **self.adapter}
+
+    def validate(self) -> None:
+        if not self.data:
+            raise TrainingError("no training data: give --data FILE [FILE ...] (or --data builtin)")
+        if not self.output:
+            raise TrainingError("no output directory: give --output DIR")
+        if self.method not in METHODS:
+            raise TrainingError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if not self.router_lr_multiplier > 0:
+            raise TrainingError("--router-lr-multiplier must be > 0 (a negative one makes the router ascend the loss)")
+        for name in ("batch_size", "grad_accum", "max_length", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise TrainingError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.max_steps == 0 or (self.max_steps < 0 and self.epochs <= 0):
+            raise TrainingError("give --max-steps > 0 or --epochs > 0")
+        if not self.lr > 0:
+            raise TrainingError("--lr must be > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise TrainingError("--warmup-ratio must be in [0, 1)")
+        if self.split_ranks not in SPLIT_MODES:
+            raise TrainingError("--split-ranks must be budget or each")
+        if self.method == "lora-split" and self.resume:
+            raise TrainingError("--resume is not supported for --method lora-split; start again")
+        if self.bf16 not in ("auto", "true", "false"):
+            raise TrainingError("--bf16 must be auto, true or false")
+
+    def flat(self) -> dict[str, Any]:
+        """Flat dict of every value (adapter values beside run values), as in the YAML file."""
+        values = dataclasses.asdict(self)
+        return {**{k: v for k, v in values.items() if k != "adapter"}, **self.adapter}
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 autocast pays: CUDA with bf16 support, or a CPU with native bf16 (AVX512-BF16
+    or AMX). On an AVX2-only CPU, bf16 matmuls are emulated: a SmolLM2 step measured ~20x
+    slower than float32 here, so 'auto' leaves it off there."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        if torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX"):
+            return True
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return " avx512_bf16" in flags or " amx_bf16" in flags
+    return False
+
+
+def adapter_config(cfg: TrainConfig, k_selection: dict[str, Any] | None = None) -> HydraLoraConfig:
+    values = dict(cfg.adapter)
+    if k_selection is not None:
+        values["num_heads"] = k_selection["k"]
+        values["k_selection"] = k_selection
+    return HydraLoraConfig(**values)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 autocast pays: CUDA with bf16 support, or a CPU with native bf16 (AVX512-BF16
+    or AMX). On an AVX2-only CPU, bf16 matmuls are emulated: a SmolLM2 step measured ~20x
+    slower than float32 there, so 'auto' leaves it off."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        if torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX"):
+            return True
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return " avx512_bf16" in flags or " amx_bf16" in flags
+    return False
+
+
+def adapter_config(cfg: TrainConfig, k_selection: dict[str, Any] | None = None) -> HydraLoraConfig:
+    values = dict(cfg.adapter)
+    if k_selection is not None:
+        values["num_heads"] = k_selection["k"]
+        values["k_selection"] = k_selection
+    return HydraLoraConfig(**values)
+
+
+def variant_name(cfg: TrainConfig, adapter: HydraLoraConfig) -> str:
+    """A short description of the trained variant (the method's own wording)."""
+    return METHODS[cfg.method].variant(adapter, cfg.flat())

@@ -1,0 +1,194 @@
+"""One fine-tune from data to summary: load, tokenize, choose k, build the method's adapter,
+train each of its parts with the Trainer, save, evaluate, summarize."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, set_seed
+
+from ..base_models import load_model
+from ..clustering import select_num_heads
+from ..data import load_examples, tokenize_examples
+from ..data.builtin import resolve_builtin
+from ..dist import is_main_process, log, world_size
+from ..eval.loss import domain_losses
+from ..files import write_json, write_yaml
+from ..methods import METHODS, count_adapter_parameters
+from ..model import find_targets, hydralora_layers
+from ..routing import collect_router_stats, diversity_report, gates_by_domain, router_report, stop_router_stats
+from .config import TrainConfig, adapter_config, bf16_supported
+from .output import (
+    CHECKPOINTS,
+    RUN_CONFIG,
+    SUMMARY,
+    discard_old_checkpoints,
+    prepare_output,
+    remove_leftovers,
+)
+from .trainer import fit, peak_memory_mb
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run one fine-tune and return its summary (also written to OUTPUT/summary.json)."""
+    return run_training(cfg)[0]
+
+
+def resolve_data(paths: list[str], cfg: TrainConfig, split: str) -> list[str]:
+    """Replace 'builtin' by the built-in mixture's files, written under OUTPUT/data."""
+    return resolve_builtin(paths, Path(cfg.output) / "data", split,
+                           train_per_domain=cfg.builtin_train_per_domain,
+                           test_per_domain=cfg.builtin_test_per_domain)
+
+
+def run_training(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] = ()
+                 ) -> tuple[dict[str, Any], nn.Module, Any]:
+    """Run one fine-tune; returns (summary, trained model, tokenizer). `callbacks` are added
+    to every Trainer run (e.g. your own logging)."""
+    cfg.validate()
+    method = METHODS[cfg.method]
+    output = prepare_output(cfg)
+    started = time.time()
+    train_files = resolve_data(cfg.data, cfg, "train")
+    eval_files = resolve_data(cfg.eval_data, cfg, "test") if cfg.eval_data else []
+    examples = load_examples(train_files)
+    eval_examples = load_examples(eval_files) if eval_files else []
+
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    log(f"loaded {cfg.model} ({time.time() - started:.0f} s)")
+    features, report = tokenize_examples(examples, tokenizer, cfg.max_length, cfg.skip_overlong)
+    log(f"data: {report.line()}")
+    eval_features = []
+    if eval_examples:
+        eval_features, eval_report = tokenize_examples(
+            eval_examples, tokenizer, cfg.max_length, skip_overlong=True
+        )
+        log(f"held-out: {eval_report.line()}")
+
+    k_selection = None
+    if cfg.method != "lora" and cfg.adapter.get("num_heads") == "auto":
+        k_selection = select_num_heads([e.instruction for e in examples], k_max=cfg.k_max, seed=cfg.seed)
+        log(f"num_heads auto: k = {k_selection['k']} ({k_selection['method']})")
+    adapter = adapter_config(cfg, k_selection)
+    find_targets(model, adapter.target_modules)  # a wrong target fails here, before any output
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    use_bf16 = cfg.bf16 == "true" or (cfg.bf16 == "auto" and bf16_supported(device))
+    results: dict[str, Any] = {}
+    if eval_features and cfg.eval_base and is_main_process():
+        model.to(device)
+        t0 = time.time()
+        results["base"] = domain_losses(model, eval_features, tokenizer.pad_token_id, bf16=use_bf16)
+        log(f"base model held-out loss {results['base']['mean']['loss']:.4f} ({time.time() - t0:.0f} s)")
+    if is_main_process():
+        output.mkdir(parents=True, exist_ok=True)
+        write_yaml(output / RUN_CONFIG, cfg.flat())
+    set_seed(cfg.seed)
+    if cfg.overwrite and not cfg.resume and is_main_process():
+        discard_old_checkpoints(output)
+
+    built = method.build(model, adapter, cfg.seed, examples, cfg.flat())
+    variant = method.variant(adapter, cfg.flat())
+    run = train_parts(cfg, built, features, tokenizer, output, use_bf16, variant, callbacks)
+    model = built.model
+    if built.router is not None:
+        for f in eval_features:
+            f["adapter_name"] = built.router.route([f["instruction"]])[0]
+    stats = collect_router_stats(model) if hydralora_layers(model) else {}
+    stop_router_stats(model)  # no per-forward statistics after training
+    built.state["router_stats"] = stats
+    if is_main_process():
+        method.save(built, output, cfg.model)
+        remove_leftovers(output, cfg.method)
+    diversity = diversity_report(model, stats) if hydralora_layers(model) else {}
+    if eval_features and is_main_process():
+        results["fine-tuned"] = domain_losses(model, eval_features, tokenizer.pad_token_id, bf16=use_bf16)
+        if hydralora_layers(model) and adapter.has_router:
+            routing = router_report(gates_by_domain(model, eval_features, tokenizer.pad_token_id))
+            diversity["domain_gate_spread"] = routing["domain_spread_mean"]
+            diversity["mean_gate_by_domain"] = routing["mean_gate_by_domain"]
+
+    trainable, total = count_adapter_parameters(model)
+    world = world_size()
+    summary = {
+        "variant": variant,
+        "method": cfg.method,
+        "model": cfg.model,
+        "steps": run["steps"],
+        "tokens": run["tokens"] * world,
+        "train_seconds": round(run["seconds"], 2),
+        "tokens_per_second": round(run["tokens"] * world / max(run["seconds"], 1e-9), 1),
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_share": trainable / total,
+        "final_loss": run["final_loss"],
+        "train_loss": run["train_loss"],
+        "bf16": use_bf16,
+        "processes": world,
+        "num_heads": adapter.num_heads if cfg.method != "lora" else None,
+        "k_selection": k_selection,
+        "diversity": diversity,
+        "eval": results,
+        "rank_fingerprints": run.get("fingerprints"),
+        "wall_seconds": round(time.time() - started, 1),
+        **built.summary,
+    }
+    if is_main_process():
+        write_json(output / SUMMARY, summary)
+        print(format_summary(summary, output), flush=True)
+    return summary, model, tokenizer
+
+
+def train_parts(cfg: TrainConfig, built, features: list[dict[str, Any]], tokenizer: Any,
+                output: Path, use_bf16: bool, variant: str,
+                callbacks: Sequence[TrainerCallback]) -> dict[str, Any]:
+    """Train every part of the method (one, or one per LoRA-Split cluster) in turn; the run's
+    steps are shared by the parts' shares."""
+    run: dict[str, Any] = {"steps": 0, "tokens": 0, "seconds": 0.0, "train_loss": 0.0}
+    for part in built.parts:
+        if part.adapter_name is not None:
+            built.model.set_adapter(part.adapter_name)  # only this adapter trains
+        subset = features if part.sources is None else [f for f in features if f["source"] in part.sources]
+        steps = cfg.max_steps if cfg.max_steps < 0 or part.share == 1.0 else max(1, round(cfg.max_steps * part.share))
+        result = fit(cfg, built.model, subset, tokenizer, output / CHECKPOINTS / part.checkpoint_subdir,
+                     steps, use_bf16, resume=cfg.resume, label=part.label, callbacks=callbacks)
+        built.model = result.pop("model")
+        run["steps"] += result["steps"]
+        run["tokens"] += result["tokens"]
+        run["seconds"] += result["seconds"]
+        run["train_loss"] += result["train_loss"] * part.share
+        run["final_loss"] = result["final_loss"]
+        run["fingerprints"] = result["fingerprints"]
+    if len(built.parts) > 1:
+        built.model.eval()
+    return run
+
+
+def format_summary(s: dict[str, Any], output: Path) -> str:
+    div = s.get("diversity") or {}
+    extra = ""
+    if "head_cos_sim" in div:
+        extra += f" | head cos sim {div['head_cos_sim']:.3f}"
+    if "gate_entropy_norm" in div:
+        extra += f" | gate entropy {div['gate_entropy_norm']:.3f} of max"
+    if "domain_gate_spread" in div:
+        extra += f" | domain gate spread {div['domain_gate_spread']:.3f}"
+    lines = [
+        "",
+        f"== {s['variant']} on {s['model']} ==",
+        f"steps {s['steps']} | tokens {s['tokens']:,} | {s['tokens_per_second']:.0f} tokens/s | "
+        f"{s['train_seconds']:.0f} s | peak memory {s['peak_memory_mb'] / 1024:.2f} GiB | "
+        f"bf16 {s['bf16']} | processes {s['processes']}",
+        f"trainable params {s['trainable_params']:,} ({100 * s['trainable_share']:.3f}% of "
+        f"{s['total_params']:,}) | final loss {s['final_loss']:.4f}{extra}",
+        f"adapter: {output}",
+    ]
+    return "\n".join(lines)
+

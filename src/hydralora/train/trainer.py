@@ -1,0 +1,280 @@
+"""The transformers Trainer, extended for HydraLoRA, and `fit`: one Trainer run.
+
+The Trainer brings gradient accumulation, schedules, bf16 autocast, logging, checkpoints with
+optimizer/scheduler/RNG state, resume, and DDP under torchrun. On top of it: the balance loss,
+router statistics and head diversity in the logs, the routers' own learning rate (a parameter
+group built in `create_optimizer`, so every launcher accepts it), adapter-only checkpoints
+(written atomically and marked complete), a stop with a clear message on a non-finite loss,
+and SIGINT -> checkpoint -> exit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import resource
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from ..data import Collator, TokenizedDataset
+from ..dist import is_main_process, log, world_size
+from ..errors import TrainingError
+from ..eval.loss import response_nll
+from ..model import (
+    balance_loss,
+    count_parameters,
+    hydralora_layers,
+    load_adapter_weights,
+    read_adapter,
+    save_adapter,
+    set_token_mask,
+)
+from ..routing import collect_router_stats, diversity_report, start_router_stats
+from .config import TrainConfig
+from .output import COMPLETE_MARKER, last_checkpoint
+
+
+class NonFiniteLossError(TrainingError):
+    def __init__(self, step: int, value: float):
+        self.step = step
+        super().__init__(
+            f"the loss became {value} at step {step}; training stopped before applying that "
+            "update. The last complete checkpoint (if any) is kept in OUTPUT/checkpoints: lower "
+            "--lr, check the data, or try --bf16 false, then --resume."
+        )
+
+
+class TrainingInterrupted(TrainingError):
+    def __init__(self, step: int, checkpoint: Path | None):
+        self.step = step
+        super().__init__(
+            f"interrupted at step {step}; checkpoint saved at {checkpoint}. "
+            "Continue with the same command plus --resume."
+        )
+
+
+class HydraTrainer(Trainer):
+    """Trainer with HydraLoRA's extra loss, statistics, router lr and adapter-only checkpoints."""
+
+    def __init__(self, *args: Any, router_lr_multiplier: float = 1.0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.router_lr_multiplier = router_lr_multiplier
+        self.tokens_seen = 0
+        self.loss_is_scaled_for_ga = True  # compute_loss normalizes over the accumulation
+
+    def _bare(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def _is_hydra(self) -> bool:
+        return bool(hydralora_layers(self._bare()))
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, with the routers moved into groups of their own that learn
+        at lr * router_lr_multiplier (same other settings as the group they came from)."""
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        if self.router_lr_multiplier == 1.0:
+            return optimizer
+        routers = {id(p) for n, p in (model or self.model).named_parameters() if n.endswith(".router")}
+        for group in list(optimizer.param_groups):
+            moved = [p for p in group["params"] if id(p) in routers]
+            if not moved:
+                continue
+            group["params"] = [p for p in group["params"] if id(p) not in routers]
+            optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"},
+                                       "params": moved, "lr": group["lr"] * self.router_lr_multiplier})
+        optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+        return optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Mean cross-entropy over the response tokens (logits only where labeled), plus
+        the balance loss; normalized over the whole accumulated (and distributed) batch
+        as the Trainer does for models that take num_items_in_batch."""
+        bare = self._bare()
+        set_token_mask(bare, inputs["attention_mask"].bool())
+        self.tokens_seen += int(inputs["attention_mask"].sum())
+        nll, _ = response_nll(model, inputs)
+        if num_items_in_batch is None:
+            loss = nll.sum() / max(nll.numel(), 1) / self.current_gradient_accumulation_steps
+        else:
+            loss = nll.sum() / num_items_in_batch
+            if self.args.average_tokens_across_devices:  # DDP averages; undo it
+                loss = loss * self.accelerator.num_processes
+        if not torch.isfinite(loss.detach()).all():
+            raise NonFiniteLossError(self.state.global_step + 1, loss.item())
+        aux = balance_loss(bare)
+        if aux is not None and model.training:
+            loss = loss + aux / self.current_gradient_accumulation_steps
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and self._is_hydra():
+            stats = collect_router_stats(self._bare())
+            logs.update({k: round(v, 4) for k, v in diversity_report(self._bare(), stats).items()})
+        super().log(logs, *args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self._is_hydra():
+            return super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            save_adapter(self._bare(), output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None):
+        if not self._is_hydra():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        _, tensors = read_adapter(resume_from_checkpoint)
+        load_adapter_weights(self._bare(), tensors, source=resume_from_checkpoint)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:  # written last: the checkpoint is whole
+            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+            (folder / COMPLETE_MARKER).write_text(str(self.state.global_step))
+
+
+class InterruptCallback(TrainerCallback):
+    """SIGINT/SIGTERM: finish the current step, save a checkpoint, stop."""
+
+    def __init__(self) -> None:
+        self.interrupted_at: int | None = None
+        self._requested = False
+        self._previous: dict[int, Any] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread
+                pass
+
+    def _handle(self, signum, frame):
+        if self._requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self._requested = True
+        print("\n[hydralora] interrupt: saving a checkpoint after this step ...", file=sys.stderr)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._requested:
+            self.interrupted_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, max_steps: int, use_bf16: bool,
+                       device: torch.device) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        optim="adamw_torch",
+        max_steps=max_steps,
+        num_train_epochs=cfg.epochs,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps" if cfg.save_steps > 0 else "no",
+        save_steps=max(cfg.save_steps, 1),
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        bf16=use_bf16,
+        use_cpu=device.type == "cpu",
+        ddp_backend="gloo" if device.type == "cpu" and world_size() > 1 else None,
+        ddp_find_unused_parameters=False,
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=not is_main_process(),
+        log_level="warning",
+        label_names=["labels"],
+    )
+
+
+def fit(
+    cfg: TrainConfig,
+    model: nn.Module,
+    features: list[dict[str, Any]],
+    tokenizer: Any,
+    checkpoint_dir: Path,
+    max_steps: int,
+    use_bf16: bool,
+    resume: bool = False,
+    label: str | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> dict[str, Any]:
+    """Train `model` (adapter already attached) on `features` with the Trainer; returns the
+    unwrapped model and the run's numbers. `callbacks` are added to the Trainer's. Raises
+    TrainingInterrupted after Ctrl-C."""
+    trainable, total = count_parameters(model)
+    if label:
+        log(f"{label}: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    interrupt = InterruptCallback()
+    trainer = HydraTrainer(
+        model=model,
+        args=training_arguments(cfg, checkpoint_dir, max_steps, use_bf16, device),
+        train_dataset=TokenizedDataset(features),
+        data_collator=Collator(tokenizer.pad_token_id),
+        callbacks=[interrupt, *callbacks],
+        router_lr_multiplier=cfg.router_lr_multiplier,
+    )
+    if hydralora_layers(model):
+        start_router_stats(model)
+    resume_from = None
+    if resume:
+        resume_from = str(last_checkpoint(checkpoint_dir.parent))
+        log(f"resuming from {resume_from}")
+    t0 = time.time()
+    outcome = trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.time() - t0
+    if interrupt.interrupted_at is not None:
+        raise TrainingInterrupted(interrupt.interrupted_at, last_checkpoint(checkpoint_dir.parent))
+    bare = trainer.accelerator.unwrap_model(trainer.model)
+    set_token_mask(bare, None)  # the last batch's mask must not apply to later forwards
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return {
+        "model": bare,
+        "steps": trainer.state.global_step,
+        "tokens": trainer.tokens_seen,
+        "seconds": seconds,
+        "final_loss": losses[-1] if losses else outcome.training_loss,
+        "train_loss": outcome.training_loss,
+        "trainable": trainable,
+        "total": total,
+        "fingerprints": rank_fingerprints(bare),
+    }
+
+
+def rank_fingerprints(model: nn.Module) -> list[str]:
+    """A hash of the trainable weights from every process (DDP keeps them identical)."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            digest.update(name.encode())
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+    mine = digest.hexdigest()[:16]
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [mine]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, mine)
+    return gathered
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

@@ -1,0 +1,146 @@
+"""The package's imports point one way: down the layers below, with no cycle, all at module top.
+
+The layers (lowest first) are the ones of DESIGN.md; a module may import from its own layer or
+any layer below it, never above. A new module must be given a layer here.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "hydralora"
+LAYERS = [
+    ["errors", "files", "dist", "options"],  # support: stdlib, yaml
+    ["config"],  # core: HydraLoraConfig
+    ["layer"],  # core: the math
+    ["model", "__init__"],  # core: inject/remove/save/load; the public API
+    ["data", "data.records", "data.tokenize", "data.builtin", "base_models"],
+    ["routing", "cluster_model", "clustering"],
+    ["eval", "eval.loss", "eval.generation", "eval.sandbox", "eval._guard", "eval.metrics"],
+    ["methods", "methods.base", "methods.hydralora", "methods.peft_lora", "methods.lora_split"],
+    ["eval.run", "train", "train.config", "train.output", "train.trainer", "train.run",
+     "train.per_domain", "analysis", "export", "info"],
+    ["demo"],
+    ["cli", "__main__"],
+]
+LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(SRC.rglob("*.py"))}
+
+
+def resolve(importer: str, path: Path, node: ast.ImportFrom | ast.Import) -> list[str]:
+    """The package modules an import statement reaches (`from . import x` may name a module)."""
+    known = modules()
+    if isinstance(node, ast.Import):
+        names = [a.name for a in node.names if a.name.split(".")[0] == "hydralora"]
+        return [n.removeprefix("hydralora").lstrip(".") or "__init__" for n in names]
+    if node.level == 0:
+        if not (node.module or "").startswith("hydralora"):
+            return []
+        base = node.module.removeprefix("hydralora").lstrip(".")
+    else:
+        package = importer.split(".") if path.name == "__init__.py" and importer != "__init__" else importer.split(".")[:-1]
+        if importer == "__init__":
+            package = []
+        package = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+        base = ".".join(package + ([node.module] if node.module else []))
+    targets = []
+    for alias in node.names:
+        sub = f"{base}.{alias.name}" if base else alias.name
+        targets.append(sub if sub in known else (base or "__init__"))
+    return targets
+
+
+def import_graph() -> dict[str, list[tuple[str, int, bool]]]:
+    """{module: [(imported module, line, at module top)]} for imports inside the package."""
+    graph = {}
+    for name, path in modules().items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        top = {id(n) for n in tree.body}
+        for n in tree.body:  # `if TYPE_CHECKING:` and try/except at top level count as top
+            if isinstance(n, (ast.If, ast.Try)):
+                top |= {id(c) for c in ast.walk(n)}
+        edges = []
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                for target in resolve(name, path, node):
+                    edges.append((target, node.lineno, id(node) in top))
+        graph[name] = edges
+    return graph
+
+
+def test_every_module_has_a_layer():
+    missing = sorted(set(modules()) - set(LAYER_OF))
+    assert not missing, f"give these modules a layer in tests/test_layers.py: {missing}"
+
+
+def test_every_import_names_a_module_of_the_package():
+    unknown = [f"{m}:{line} imports {t}" for m, edges in import_graph().items()
+               for t, line, _ in edges if t not in modules()]
+    assert not unknown, "\n".join(unknown)
+
+
+def test_imports_inside_the_package_are_at_module_top():
+    nested = [f"{m}:{line} imports {t}" for m, edges in import_graph().items()
+              for t, line, at_top in edges if not at_top]
+    assert not nested, "move these imports to the top of the module:\n" + "\n".join(nested)
+
+
+def test_imports_point_down_the_layers():
+    upward = [f"{m} (layer {LAYER_OF[m]}) imports {t} (layer {LAYER_OF[t]}), line {line}"
+              for m, edges in import_graph().items() for t, line, _ in edges
+              if t in LAYER_OF and m in LAYER_OF and LAYER_OF[t] > LAYER_OF[m]]
+    assert not upward, "\n".join(upward)
+
+
+def find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in graph.get(node, []):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in graph:
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_import_cycle():
+    graph = {m: sorted({t for t, _, _ in edges if t != m}) for m, edges in import_graph().items()}
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+@pytest.mark.parametrize("graph,expected", [
+    ({"a": ["b"], "b": ["c"], "c": ["a"]}, True),
+    ({"a": ["b"], "b": ["c"], "c": []}, False),
+])
+def test_the_cycle_finder_finds_cycles(graph, expected):
+    assert (find_cycle(graph) is not None) == expected
+
+
+def test_no_module_is_too_long():
+    long = {m: n for m, p in modules().items() if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, f"split these modules (over 400 lines): {long}"

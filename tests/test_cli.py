@@ -190,3 +190,72 @@ def test_variant_name_lists_the_head_options():
                     "balance loss 0.05, router lr x10")
     assert variant_name(TrainConfig(data=["x"], output="o"), HydraLoraConfig(num_heads=1)) == \
         "HydraLoRA r=8, k=1, one head: w/o MoE"
+
+
+def subparsers(parser):
+    """{command path: parser} of every subcommand, nested ones included ("data builtin")."""
+    import argparse
+
+    found = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found[name] = sub
+                found.update({f"{name} {k}": v for k, v in subparsers(sub).items()})
+    return found
+
+
+def test_every_cli_default_comes_from_its_dataclass():
+    """No parser writes a default of its own: every flag's default is SUPPRESSed, so the value
+    of a flag not given is the options dataclass's default (each default is written once)."""
+    import argparse
+    import dataclasses
+
+    from hydralora.cli import build_parser
+
+    commands = subparsers(build_parser())
+    assert set(commands) >= {"train", "generate", "eval", "export", "analyze", "cluster", "info",
+                             "demo", "data", "data builtin"}
+    for name, parser in commands.items():
+        if name == "data":
+            continue
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction) or action.dest == "config":
+                continue
+            assert action.default is argparse.SUPPRESS, f"{name} {action.option_strings}: own default"
+        options = parser.get_default("options")
+        if options is None:  # train: TrainConfig + HydraLoraConfig, checked below
+            continue
+        flags = {a.dest for a in parser._actions if not isinstance(a, argparse._HelpAction)}
+        assert flags == {f.name for f in dataclasses.fields(options)}, name
+        for f in dataclasses.fields(options):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            help_text = next(a.help for a in parser._actions if a.dest == f.name)
+            required = f.metadata.get("required") or f.metadata.get("positional")
+            assert required or f"(default: {default})" in help_text, (name, f.name)
+
+
+def test_commands_fill_unset_options_from_the_dataclass(tmp_path):
+    from hydralora.cli import build_parser
+    from hydralora.clustering import ClusterOptions
+    from hydralora.eval.run import EvalOptions
+    from hydralora.options import options_from_args
+
+    args = build_parser().parse_args(["eval", "--data", "a.jsonl"])
+    assert options_from_args(EvalOptions, args) == EvalOptions(data=["a.jsonl"])
+    args = build_parser().parse_args(["cluster", "--data", "a.jsonl", "--output", "o", "--k-max", "3"])
+    assert options_from_args(ClusterOptions, args) == ClusterOptions(data=["a.jsonl"], output="o", k_max=3)
+
+
+def test_train_flags_cover_the_run_and_adapter_dataclasses():
+    import argparse
+    import dataclasses
+
+    from hydralora.cli import build_parser
+    from hydralora.config import HydraLoraConfig
+    from hydralora.train.config import TrainConfig
+
+    parser = subparsers(build_parser())["train"]
+    flags = {a.dest for a in parser._actions if not isinstance(a, argparse._HelpAction)}
+    fields = {f.name for cls in (TrainConfig, HydraLoraConfig) for f in dataclasses.fields(cls)}
+    assert flags == fields - {"adapter", "k_selection"} | {"config"}

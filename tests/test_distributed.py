@@ -7,9 +7,12 @@ import os
 import subprocess
 import sys
 
+import pytest
 from safetensors.torch import load_file
 
 from conftest import tiny_records, write_jsonl
+
+pytestmark = pytest.mark.slow  # several processes
 
 
 def run(cmd, env):

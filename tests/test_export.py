@@ -52,6 +52,7 @@ assert not any(m.startswith("hydralora") for m in sys.modules), "hydralora was i
 """
 
 
+@pytest.mark.slow  # a second Python process loads the export
 @pytest.mark.parametrize("extra", [[], ["--no-shared-a"]])
 def test_peft_lora_export_loads_without_hydralora(tiny_model_dir, tiny_data, tmp_path, extra, capsys):
     adapter = trained(tiny_model_dir, tiny_data, tmp_path, *extra)

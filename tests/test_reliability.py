@@ -52,6 +52,7 @@ def data8(tmp_path):
     return write_jsonl(tmp_path / "train.jsonl", tiny_records(32))
 
 
+@pytest.mark.slow  # a training subprocess, killed
 def test_sigkill_then_resume_equals_uninterrupted_run(tiny_model_dir, data8, tmp_path):
     straight = tmp_path / "straight"
     assert main(train_cmd(tiny_model_dir, data8, straight)) == 0
@@ -68,6 +69,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tiny_model_dir, data8, tmp
     assert same_adapter(straight, killed)  # bitwise, float32 on CPU
 
 
+@pytest.mark.slow  # a training subprocess, interrupted
 def test_sigint_saves_a_checkpoint_and_resumes(tiny_model_dir, data8, tmp_path):
     straight = tmp_path / "straight"
     assert main(train_cmd(tiny_model_dir, data8, straight)) == 0

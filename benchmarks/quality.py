@@ -86,6 +86,8 @@ TARGETS = ["--target-modules", "gate_proj", "up_proj", "down_proj"]
 HYDRA = ["--method", "hydralora", "--r", "8", "--num-heads", "auto", "--router-lr-multiplier", "1"]
 PAPER = [*HYDRA, "--init-heads", "zero"]
 RANDOM = [*HYDRA, "--init-heads", "random"]
+DEFAULT = [*RANDOM, "--router-lr-multiplier", "10"]  # `hydralora train`'s defaults before issue 16
+GUIDED = ["--guide-loss-weight", "1", "--route-labels-from", "cluster"]
 VARIANTS = {
     "base": None,
     "lora-r8": ["--method", "lora", "--r", "8"],
@@ -111,6 +113,19 @@ VARIANTS = {
     "hydra-random-init-router-lr10": [*RANDOM, "--router-lr-multiplier", "10"],
     # control: is random init's gain the heads' or the initialization's? (k = 1: a LoRA, A = 0)
     "hydra-one-head-random-init": [*RANDOM, "--num-heads", "1"],
+    # routing that separates the domains (issue 16): an upper bound and two ways without labels
+    "lora-r24": ["--method", "lora", "--r", "24"],
+    # (k = 4, the mixture's domains and the automatic choice on it, pinned: small splits give 1)
+    "hydra-default-k4": [*DEFAULT, "--num-heads", "4"],
+    "hydra-oracle-domain": [*RANDOM, "--routing", "oracle", "--route-labels-from", "domain",
+                            "--num-heads", "4"],
+    "hydra-oracle-cluster": [*RANDOM, "--routing", "oracle", "--route-labels-from", "cluster",
+                             "--num-heads", "4"],
+    "hydra-guided": [*DEFAULT, "--num-heads", "4", *GUIDED],
+    "hydra-guided-decay": [*DEFAULT, "--num-heads", "4", *GUIDED, "--guide-schedule", "decay"],
+    "hydra-sequence": [*DEFAULT, "--num-heads", "4", "--routing", "sequence"],
+    "hydra-sequence-top1-guided": [*DEFAULT, "--num-heads", "4", "--routing", "sequence",
+                                   "--router", "topk", "--top-k", "1", *GUIDED],
 }
 SETS = {
     "main": ["base", "lora-r8", "lora-r16", "lora-r32", "lora-split-4x8", "hydra-auto",
@@ -125,6 +140,10 @@ SETS = {
                      "hydra-one-head-random-init"],
     "heads": ["lora-r8", "lora-r16", "lora-r32", "lora-r32-alpha64", "hydra-auto",
               "hydra-random-init", "hydra-random-init-router-lr10", "hydra-one-head-random-init"],
+    # issue 16: routing that separates the domains, against LoRAs of equal parameters and scale
+    "routing": ["lora-r8", "lora-r24", "lora-r32", "hydra-one-head-random-init",
+                "hydra-default-k4", "hydra-oracle-domain", "hydra-oracle-cluster",
+                "hydra-guided", "hydra-guided-decay", "hydra-sequence", "hydra-sequence-top1-guided"],
 }
 LABELS = {
     "base": "base model (no training)",
@@ -149,6 +168,14 @@ LABELS = {
     "hydra-random-init-head-dropout": "HydraLoRA, random heads + head dropout 0.3",
     "hydra-random-init-balance": "HydraLoRA, random heads + balance loss 0.05",
     "hydra-one-head-random-init": "control: one head, A = 0, B random (a LoRA)",
+    "lora-r24": "LoRA r=24 (about HydraLoRA k=4's parameters)",
+    "hydra-default-k4": "HydraLoRA k=4, random heads + router lr x10 (train's defaults)",
+    "hydra-oracle-domain": "HydraLoRA, oracle routing by domain (diagnostic)",
+    "hydra-oracle-cluster": "HydraLoRA, oracle routing by k-means cluster (diagnostic)",
+    "hydra-guided": "HydraLoRA, cluster-guided router (weight 1)",
+    "hydra-guided-decay": "HydraLoRA, cluster-guided router (weight 1, decaying)",
+    "hydra-sequence": "HydraLoRA, sequence-level routing",
+    "hydra-sequence-top1-guided": "HydraLoRA, sequence-level top-1, cluster-guided",
 }
 
 
@@ -161,6 +188,7 @@ MODEL = "smollm2-135m"
 HASH_CHARS = 10  # hex characters of the flags hash in a run's folder name
 MACHINE_FILE = "machine.json"  # where a run ran, written beside it once it is trained
 FLAGS_FILE = "flags.json"  # the flags a run was trained with, and their hash
+VAL_PER_DOMAIN = 16  # examples per domain carved from the train split to choose learning rates
 
 
 def run(cmd: list[str], log: Path, threads: int | None = None) -> None:
@@ -197,11 +225,99 @@ def flags_hash(key: object) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:HASH_CHARS]
 
 
+def adapter_rank(name: str) -> int:
+    """The rank of each LoRA (or of A) of a variant: --r, divided among LoRA-Split's adapters."""
+    flags = canonical_flags(VARIANTS[name])
+    r = int(flags.get("--r", ["8"])[0])
+    if flags.get("--method", [""])[0] == "lora-split":
+        r //= int(flags["--num-heads"][0])
+    return r
+
+
+def scaling_flags(name: str, rule: str) -> list[str]:
+    """--alpha for a rank-independent update scale: '2r' (alpha = 2r: scaling 2 at every rank,
+    as LoRA r=8 with alpha 16), 'rslora' (alpha / sqrt(r) = 2 sqrt(8) / sqrt(r): rsLoRA, equal
+    to the others at r=8), 'fixed' (alpha 16 for every rank: the paper's habit). A variant that
+    sets --alpha itself keeps it."""
+    if rule == "fixed" or "--alpha" in VARIANTS[name]:
+        return []
+    r = adapter_rank(name)
+    alpha = 2 * r if rule == "2r" else 2 * (8 ** 0.5) * (r ** 0.5)
+    return ["--alpha", f"{alpha:g}"]
+
+
+def strip_flags(argv: list[str], drop: tuple[str, ...]) -> list[str]:
+    """`argv` without the flags in `drop` (and their values)."""
+    out, skipping = [], False
+    for token in argv:
+        if token.startswith("--"):
+            skipping = token in drop
+        if not skipping:
+            out.append(token)
+    return out
+
+
 def train_argv(name: str, seed: int, preset: dict) -> list[str]:
     """Every flag of a variant's training run except --output/--overwrite (which do not change
-    what is trained)."""
-    return ["--model", MODEL, "--data", "builtin", "--eval-data", "builtin", "--seed", str(seed),
-            *TARGETS, *preset["train"], *VARIANTS[name]]
+    what is trained). With carved data (--lr-grid) the run trains on the fit split and reports
+    the test split; the learning rate is the preset's or the one chosen for the variant."""
+    data = ["--data", "builtin", "--eval-data", "builtin"]
+    train = preset["train"]
+    if preset.get("carved"):
+        data = ["--data", preset["carved"]["fit"], "--eval-data", preset["carved"]["test"]]
+        train = strip_flags(train, ("--builtin-train-per-domain", "--builtin-test-per-domain"))
+    lr = preset.get("lr_of", {}).get(name)
+    return ["--model", MODEL, *data, "--seed", str(seed), *TARGETS, *train, *VARIANTS[name],
+            *scaling_flags(name, preset.get("scaling", "fixed")), *(["--lr", lr] if lr else [])]
+
+
+def carve_splits(root: Path, preset: dict) -> dict[str, str]:
+    """The built-in mixture's train split cut into fit and validation parts (the last
+    VAL_PER_DOMAIN examples of each domain, in file order), beside its test split: learning
+    rates are chosen on validation, results reported on test."""
+    flags = canonical_flags(preset["train"])
+    sizes = [flags["--builtin-train-per-domain"][0], flags["--builtin-test-per-domain"][0]]
+    folder = root / f"data-{flags_hash(sizes + [VAL_PER_DOMAIN])}"
+    files = {k: str(folder / f"{k}.jsonl") for k in ("fit", "val", "test")}
+    if all(Path(f).exists() for f in files.values()):
+        return files
+    run(cli("data", "builtin", "--output", str(folder), "--train-per-domain", sizes[0],
+            "--test-per-domain", sizes[1]), root / "logs" / f"{folder.name}.log")
+    records = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
+    by_domain: dict[str, list[dict]] = {}
+    for record in records:
+        by_domain.setdefault(record["domain"], []).append(record)
+    val = [r for rs in by_domain.values() for r in rs[-VAL_PER_DOMAIN:]]
+    fit = [r for r in records if not any(r is v for v in val)]
+    for name, part in (("fit", fit), ("val", val)):
+        Path(files[name]).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
+    return files
+
+
+def val_loss(name: str, seed: int, preset: dict, root: Path) -> float:
+    """Mean held-out loss of a trained run on the validation split (cached beside the run)."""
+    out = run_dir(root, name, seed, preset)
+    result = out / f"val-{flags_hash(file_sha256(Path(preset['carved']['val'])))}.json"
+    if not result.exists():
+        run(cli("eval", "--model", MODEL, "--adapter", str(out), "--data", preset["carved"]["val"],
+                "--no-generate", "--output", str(result), "--overwrite"),
+            root / "logs" / f"{out.name}.val.log")
+    return json.loads(result.read_text())["loss"]["mean"]["loss"]
+
+
+def choose_lrs(names: list[str], preset: dict, root: Path, args) -> dict[str, dict[str, float]]:
+    """For every variant: train at each learning rate of the grid (first seed), measure the
+    validation loss, keep the lowest. Returns {variant: {lr: validation loss}}."""
+    grid: dict[str, dict[str, float]] = {}
+    jobs = []
+    for lr in args.lr_grid:
+        trial = {**preset, "lr_of": {n: lr for n in names}}
+        jobs += [(n, args.seeds_used[0], trial) for n in names]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(lambda j: train_variant(j[0], j[1], j[2], root, args.fresh), jobs))
+    for name, seed, trial in jobs:
+        grid.setdefault(name, {})[trial["lr_of"][name]] = val_loss(name, seed, trial, root)
+    return grid
 
 
 def train_hash(name: str, seed: int, preset: dict) -> str:
@@ -449,6 +565,12 @@ def main() -> None:
                         help="held-out loss only: skip the generation-based task metrics")
     parser.add_argument("--jobs", type=int, default=1,
                         help="train this many runs at once (timings then share the machine)")
+    parser.add_argument("--scaling", choices=["fixed", "2r", "rslora"], default="fixed",
+                        help="update scale of every adapter: fixed alpha 16 (the paper's habit), "
+                        "alpha = 2r, or rsLoRA's alpha/sqrt(r) (equal at r=8)")
+    parser.add_argument("--lr-grid", nargs="+", metavar="LR",
+                        help="choose each variant's learning rate from these on a validation split "
+                        "carved from the training data (first seed), then report the test split")
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
@@ -459,6 +581,8 @@ def main() -> None:
         preset["task_seeds"] = []
     seeds = list(dict.fromkeys(args.seeds or preset["seeds"]))
     root = Path(args.root) / args.preset
+    preset["scaling"] = args.scaling
+    args.seeds_used = seeds
     started = time.time()
     rows: dict[str, dict] = {}
     test_file = None
@@ -469,6 +593,12 @@ def main() -> None:
     args.variants = list(dict.fromkeys(args.variants or SETS[args.set]))
     jobs = [(name, seed) for name in args.variants if VARIANTS[name] is not None for seed in seeds]
     warn_legacy(root)
+    args.lr_choice = {}
+    if args.lr_grid:
+        root.mkdir(parents=True, exist_ok=True)
+        preset["carved"] = carve_splits(root, preset)
+        args.lr_choice = choose_lrs(list(dict.fromkeys(n for n, _ in jobs)), preset, root, args)
+        preset["lr_of"] = {n: min(g, key=g.get) for n, g in args.lr_choice.items()}
     summaries = train_all(jobs, preset, root, args)
     # the section shows the whole set: rows not asked for this time come from runs on disk, when
     # a finished run with these exact flags is there
@@ -483,7 +613,9 @@ def main() -> None:
         if VARIANTS[name] is None or done:
             rows[name] = {"summaries": [summaries[(name, seed)] for seed in done], "seeds": done,
                           "evals": [], "eval_seeds": []}
-    if jobs:
+    if preset.get("carved"):
+        test_file = Path(preset["carved"]["test"])
+    elif jobs:
         test_file = run_dir(root, *jobs[0], preset) / "data" / "test.jsonl"
     if test_file is None:
         raise SystemExit("train at least one variant: the held-out split is written by training")
@@ -531,15 +663,20 @@ def write_report(rows: dict, args, preset: dict, seeds: list[int], wall: float,
     import matplotlib.pyplot as plt
 
     domains = ["math", "code", "topic", "headline"]
-    section = f"{args.set}-{args.preset}"  # --variants picks rows within the set's section
+    section = (f"{args.set}-{args.preset}"  # --variants picks rows within the set's section
+               + ("" if args.scaling == "fixed" else f"-{args.scaling}") + ("-lrgrid" if args.lr_grid else ""))
     out = Path(args.output)
     png = out.with_name(f"{out.stem}-{section}.png")
     where, machine_list = machines_text(machines)
     lines = [
-        f"## {SECTION_TITLES[args.set]}: preset `{args.preset}`",
+        f"## {SECTION_TITLES[args.set]}: preset `{args.preset}`"
+        + (f", scaling `{args.scaling}`" if args.scaling != "fixed" else "")
+        + (", learning rate chosen per method" if args.lr_grid else ""),
         "",
         f"Made by `python benchmarks/quality.py --preset {args.preset} "
         + f"--set {args.set}" + (f" --variants {' '.join(args.variants)}" if args.explicit else "")
+        + (f" --scaling {args.scaling}" if args.scaling != "fixed" else "")
+        + (f" --lr-grid {' '.join(args.lr_grid)}" if args.lr_grid else "")
         + (" --no-tasks" if args.no_tasks else "") + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
         + f"` on {date.today()} ({where}); {wall / 60:.0f} min of work in the last invocation "
         "(runs found on disk with the same flags are reused and cost nothing)"
@@ -593,6 +730,17 @@ def write_report(rows: dict, args, preset: dict, seeds: list[int], wall: float,
         plot_sds.append(sd)
         r["mean_loss"] = losses["mean"]
         r["params"] = params
+    if args.lr_choice:
+        lines += ["", f"Learning rate per method: trained at each of {', '.join(args.lr_grid)} on the fit "
+                  f"split (seed {seeds[0]}), chosen by the mean loss on {VAL_PER_DOMAIN} validation "
+                  "examples per domain carved from the training data (the test split is not "
+                  "used to choose); validation losses:", "",
+                  "| method | " + " | ".join(f"lr {lr}" for lr in args.lr_grid) + " | chosen |",
+                  "|---" * (len(args.lr_grid) + 2) + "|"]
+        for name, grid in args.lr_choice.items():
+            chosen = min(grid, key=grid.get)
+            lines.append(f"| {LABELS[name]} | " + " | ".join(f"{grid[lr]:.4f}" for lr in args.lr_grid)
+                         + f" | {chosen} |")
     lines += ["", verdict(rows), "", f"![mean held-out loss]({png.name})", ""]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(plot_names) + 1.2))
     ax.barh(plot_names[::-1], plot_means[::-1], xerr=plot_sds[::-1], color="tab:blue", alpha=0.8)
@@ -611,7 +759,8 @@ def write_report(rows: dict, args, preset: dict, seeds: list[int], wall: float,
 
 SECTION_TITLES = {"main": "HydraLoRA against LoRA, LoRA-Split and the ablations",
                   "heads-screen": "Head diversity, screening: every option on one seed",
-                  "heads": "Head diversity: options that give the heads a reason to differ"}
+                  "heads": "Head diversity: options that give the heads a reason to differ",
+                  "routing": "Routing that separates the domains: oracle, guided, sequence-level"}
 
 
 def replace_section(path: Path, name: str, text: str) -> None:
@@ -655,11 +804,12 @@ def verdict(rows: dict) -> str:
             out.append(f"- vs {LABELS[name]} ({rows[name]['params']:,} parameters, {m:.3f} ± {s:.3f}): "
                        f"HydraLoRA is {word} it (difference {gap:+.3f}; paired by seed "
                        f"{', '.join(f'{d:+.3f}' for d in diffs)}: HydraLoRA's loss {same}).")
-    refs = [r for r in ("lora-r8", "lora-r16", "lora-r32", "lora-r32-alpha64") if r in rows and rows[r]["summaries"]]
-    hydras = [n for n in rows if n.startswith("hydra") and rows[n]["summaries"]]
+    refs = [r for r in ("lora-r8", "lora-r16", "lora-r24", "lora-r32", "lora-r32-alpha64",
+                        "hydra-one-head-random-init") if r in rows and rows[r]["summaries"]]
+    hydras = [n for n in rows if n.startswith("hydra") and rows[n]["summaries"] and n not in refs]
     if refs and hydras:
-        out += ["", "Loss below each LoRA, paired by seed (LoRA's loss minus this row's; positive = "
-                "this row is better; one value per seed):", "",
+        out += ["", "Loss below each LoRA and the one-head control, paired by seed (its loss minus "
+                "this row's; positive = this row is better; one value per seed):", "",
                 "| method | params | " + " | ".join(f"vs {LABELS[r]}" for r in refs) + " |",
                 "|---|---|" + "---|" * len(refs)]
         for n in hydras:

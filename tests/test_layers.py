@@ -15,6 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "hydralora"
 LAYERS = [
     ["errors", "files", "dist", "options"],  # support: stdlib, yaml
     ["config"],  # core: HydraLoraConfig
+    ["router"],  # core: gates, router losses and statistics
     ["layer"],  # core: the math
     ["model", "__init__"],  # core: inject/remove/save/load; the public API
     ["data", "data.records", "data.tokenize", "data.builtin", "base_models"],
@@ -22,7 +23,7 @@ LAYERS = [
     ["eval", "eval.loss", "eval.generation", "eval.sandbox", "eval._guard", "eval.metrics"],
     ["methods", "methods.base", "methods.hydralora", "methods.peft_lora", "methods.lora_split"],
     ["eval.run", "train", "train.config", "train.output", "train.trainer", "train.run",
-     "train.per_domain", "analysis", "export", "info"],
+     "train.per_domain", "train.sharding", "analysis", "export", "info"],
     ["demo"],
     ["cli", "__main__"],
 ]

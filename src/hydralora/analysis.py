@@ -32,6 +32,7 @@ from .base_models import DEFAULT_MODEL
 from .data import DEFAULT_MAX_LENGTH, load_examples, tokenize_examples
 from .errors import ConfigError
 from .methods import adapter_kind, load_model_with_adapter
+from .options import check_ranges
 from .routing import gates_by_domain, router_report
 
 
@@ -59,6 +60,10 @@ class AnalyzeOptions:
     """Seed of the per-domain LoRAs (one seed: they start from the same A)."""
     max_length: int = DEFAULT_MAX_LENGTH
     """Tokens per example."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"per_domain_steps": ">=0", "batch_size": ">=1", "lr": ">0", "seed": ">=0",
+                            "max_length": ">=1"})
 
     def domain_loras(self) -> dict[str, str] | None:
         if not self.domain_lora:

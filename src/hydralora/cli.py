@@ -14,25 +14,29 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .analysis import AnalyzeOptions, run_analyze
 from .clustering import ClusterOptions, run_cluster
 from .config import TRAIN_ADAPTER_DEFAULTS, HydraLoraConfig
 from .data.builtin import BuiltinDataOptions, resolve_builtin, run_builtin_data
 from .demo import DemoOptions, run_demo
-from .errors import ConfigError, UserError
+from .errors import ConfigError, UserError, short
 from .eval.run import EvalOptions, GenerateOptions, run_eval, run_generate
 from .export import ExportOptions, run_export
 from .info import InfoOptions, run_info
 from .model import CONFIG_NAME
+from .files import STORAGE_ERRNOS
 from .options import (
     add_dataclass_flags,
+    coerce_values,
     known_fields,
     normalize_targets,
     options_from_args,
     read_yaml_config,
     split_fields,
 )
-from .train.config import RECORDED_RUN_DEFAULTS, TrainConfig
+from .train.config import RECORDED_RUN_DEFAULTS, TrainConfig, check_trainer_args
 from .train.output import RUN_CONFIG
 from .train.per_domain import train_domain_loras
 from .train.run import run_training
@@ -55,28 +59,77 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune a model with HydraLoRA (or a LoRA baseline)")
     p.add_argument("--config", help="YAML file of options (flags given here win)")
     add_dataclass_flags(p, TrainConfig, skip=("adapter",))
+    p.add_argument("--trainer-arg", dest="trainer_args", action="append", type=trainer_arg,
+                   default=argparse.SUPPRESS, metavar="KEY=VALUE",
+                   help="any transformers TrainingArguments field, e.g. optim=adamw_torch_fused, "
+                        "max_grad_norm=0.5, report_to=tensorboard, eval_strategy=steps, "
+                        "fsdp_config=examples/fsdp2.json; VALUE is read as YAML (numbers, true/false, "
+                        "lists, {json}); repeatable; YAML config: a `trainer:` mapping")
     # --adapter-rank: torchrun's own parser mistakes a bare --r for its --rdzv-* options
     add_dataclass_flags(p, HydraLoraConfig, skip=ADAPTER_SKIP, types_override={"num_heads": int_or_auto},
                         aliases={"r": ["--adapter-rank"]}, defaults=TRAIN_ADAPTER_DEFAULTS)
     p.set_defaults(func=cmd_train)
 
 
+def trainer_arg(text: str) -> tuple[str, Any]:
+    """`KEY=VALUE` of --trainer-arg; VALUE is a YAML scalar, list or mapping (JSON is YAML)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML: the text as given
+    return key.strip().replace("-", "_"), value
+
+
+def trainer_section(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """The `trainer:` (or `trainer_args:`) mapping of a YAML config, taken out of `values`."""
+    merged: dict[str, Any] = {}
+    for key in ("trainer_args", "trainer"):
+        section = values.pop(key, None)
+        if section is None:
+            continue
+        if not isinstance(section, dict):
+            raise ConfigError(f"{source}: {key!r} must be a mapping of TrainingArguments fields")
+        merged.update({str(k).replace("-", "_"): v for k, v in section.items()})
+    return merged
+
+
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults < the run's recorded config (--resume) < --config YAML < flags given."""
+    """Defaults < the run's recorded config (--resume) < --config YAML < flags given; the
+    trainer arguments merge key by key in the same order."""
     known = known_fields(TrainConfig, HydraLoraConfig) - {"adapter", *ADAPTER_SKIP}
     values: dict[str, Any] = {}
-    given = {k: v for k, v in vars(args).items() if k in known}
+    trainer_args: dict[str, Any] = {}
+    given = {k: v for k, v in vars(args).items() if k in known and k != "trainer_args"}
     output = given.get("output")
+    if given.get("resume") and not output:
+        raise ConfigError("--resume needs --output DIR: the folder of the run to continue")
     if given.get("resume") and output and (Path(output) / RUN_CONFIG).exists():
         values.update(RECORDED_RUN_DEFAULTS)
-        values.update(read_yaml_config(Path(output) / RUN_CONFIG, known))
+        recorded = read_yaml_config(Path(output) / RUN_CONFIG, known)
+        if recorded.get("trust_remote_code") is True and "trust_remote_code" not in given:
+            raise ConfigError(
+                f"{Path(output) / RUN_CONFIG} records trust_remote_code: true (model "
+                f"{short(recorded.get('model'))}); --resume does not run a model's own Python code "
+                "because a file says so: pass --trust-remote-code again if you trust that model"
+            )
+        trainer_args.update(trainer_section(recorded, str(Path(output) / RUN_CONFIG)))
+        values.update(recorded)
     if args.config:
-        values.update(read_yaml_config(args.config, known))
+        from_file = read_yaml_config(args.config, known | {"trainer"})
+        trainer_args.update(trainer_section(from_file, args.config))
+        values.update(from_file)
     values.update(given)
+    trainer_args.update(dict(getattr(args, "trainer_args", [])))
+    check_trainer_args(trainer_args)  # before any slow work
+    values["trainer_args"] = trainer_args
     if "target_modules" in values:
         values["target_modules"] = normalize_targets(values["target_modules"])
     if isinstance(values.get("bf16"), bool):
         values["bf16"] = str(values["bf16"]).lower()
+    values = coerce_values(values, TrainConfig, HydraLoraConfig)
     run, adapter = split_fields(values, TrainConfig, HydraLoraConfig)
     num_heads = adapter.get("num_heads")
     if num_heads != "auto":  # validate adapter settings before any slow work
@@ -166,6 +219,13 @@ def main(argv: list[str] | None = None) -> int:
             message = f"{err.filename}: no such file or directory"
         print(f"error: {message}", file=sys.stderr)
         return 130 if isinstance(err, TrainingInterrupted) else 2
+    except OSError as err:  # disk full, quota, read-only file system: one line naming the file
+        if debug or err.errno not in STORAGE_ERRNOS:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}could not write ({err.strerror or err}); free some space and run again",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

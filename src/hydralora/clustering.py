@@ -44,6 +44,7 @@ from .data import load_examples
 from .data.builtin import resolve_builtin
 from .errors import ClusterModelError, ConfigError
 from .files import atomic_write, write_json
+from .options import check_ranges
 
 __all__ = [
     "DEFAULT_TFIDF",
@@ -344,6 +345,9 @@ class ClusterOptions:
     """Model for --features embeddings."""
     seed: int = 0
     """Seed of k-means."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"k_max": ">=1", "seed": ">=0"})
 
 
 def run_cluster(opts: ClusterOptions) -> dict[str, Any]:

@@ -8,21 +8,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, short
 from .files import read_json_object
 
 ROUTERS = ("softmax", "topk", "uniform")
 ROUTER_INPUTS = ("x", "a")
 HEAD_INITS = ("zero", "random")
 ROUTER_INITS = ("kaiming", "zero")
+ROUTINGS = ("token", "sequence", "oracle")
 
 # Keys that `save_adapter` adds to adapter_config.json beside the config fields.
-METADATA_KEYS = ("peft_type", "base_model_name_or_path", "hydralora_version")
+METADATA_KEYS = ("peft_type", "base_model_name_or_path", "hydralora_version", "format_version")
+# adapter_config.json format: files without `format_version` (written before it existed) fill
+# missing keys with today's defaults; a file of format 2 must hold every key below (the ones
+# that change the computation). A key added later joins the next format's list.
+FORMAT_VERSION = 2
+REQUIRED_KEYS = {2: ("r", "alpha", "num_heads", "target_modules", "dropout", "router", "top_k",
+                     "shared_a", "router_input", "balance_loss_weight", "router_temperature",
+                     "init_heads", "router_init", "head_dropout", "routing", "route_labels")}
 
 
 @dataclass
@@ -62,6 +71,14 @@ class HydraLoraConfig:
     """'kaiming' (the authors' code) or 'zero' (exactly uniform gates at step 0)."""
     head_dropout: float = 0.0
     """Probability of dropping a whole head for a token during training (gates renormalized)."""
+    routing: str = "token"
+    """'token': gates per token (the paper). 'sequence': one gate vector per example from the
+    mean of the layer's input over the prompt, shared by all its tokens (with router='topk' and
+    top_k=1 each request uses one head: exactly k LoRAs). 'oracle': a diagnostic; the gates
+    are one-hot by each example's label (route_labels), no router."""
+    route_labels: list[str] | None = None
+    """routing='oracle': the label (a domain, or cluster_<i>) that each head stands for
+    (filled in by the trainer from the data's domains or k-means clusters)."""
     k_selection: dict[str, Any] | None = None
     """How num_heads was chosen when it was chosen automatically (written by the trainer)."""
 
@@ -74,7 +91,12 @@ class HydraLoraConfig:
         """Raise ConfigError naming the first bad key and the accepted values."""
 
         def bad(key: str, why: str) -> ConfigError:
-            return ConfigError(f"HydraLoraConfig.{key}={getattr(self, key)!r}: {why}")
+            return ConfigError(f"HydraLoraConfig.{key}={short(getattr(self, key))}: {why}")
+
+        for key in ("alpha", "dropout", "head_dropout", "balance_loss_weight", "router_temperature"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(key, "must be a finite number")
 
         for key in ("r", "num_heads", "top_k"):
             value = getattr(self, key)
@@ -111,7 +133,13 @@ class HydraLoraConfig:
                 "with init_heads='zero' a zero router gives every head the same update forever; "
                 "use router_init='kaiming', init_heads='random' or head_dropout > 0",
             )
-        if self.balance_loss_weight < 0:
+        if self.routing not in ROUTINGS:
+            raise bad("routing", f"unknown routing; choose one of {', '.join(ROUTINGS)}")
+        if self.route_labels is not None and (
+            not isinstance(self.route_labels, list) or len(self.route_labels) != self.num_heads
+        ):
+            raise bad("route_labels", f"give one label per head ({self.num_heads})")
+        if not self.balance_loss_weight >= 0:
             raise bad("balance_loss_weight", "must be >= 0")
         if not self.router_temperature > 0:
             raise bad("router_temperature", "must be > 0")
@@ -121,7 +149,7 @@ class HydraLoraConfig:
                 re.compile(targets)
             except re.error as err:
                 raise bad("target_modules", f"not a valid regular expression ({err})") from None
-        elif not targets or not all(isinstance(t, str) and t for t in targets):
+        elif not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
             raise bad("target_modules", "give a non-empty list of module names or one regex")
 
     @property
@@ -131,7 +159,7 @@ class HydraLoraConfig:
     @property
     def has_router(self) -> bool:
         """A learned router exists only when there is something to route."""
-        return self.num_heads > 1 and self.router != "uniform"
+        return self.num_heads > 1 and self.router != "uniform" and self.routing != "oracle"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -161,6 +189,15 @@ class HydraLoraConfig:
                 f"{path}: peft_type is {data['peft_type']!r}, not 'HYDRALORA'; "
                 "load a PEFT adapter with peft.PeftModel.from_pretrained instead"
             )
+        version = data.get("format_version")
+        if version is not None:
+            if version not in REQUIRED_KEYS:
+                raise ConfigError(f"{path}: format_version {short(version)} is not one this version of "
+                                  f"hydralora reads ({', '.join(map(str, REQUIRED_KEYS))}); upgrade hydralora")
+            missing = [k for k in REQUIRED_KEYS[version] if k not in data]
+            if missing:
+                raise ConfigError(f"{path}: missing key(s) {', '.join(missing)}; an adapter_config.json "
+                                  f"of format {version} records every setting (restore the file)")
         return cls.from_dict(data, source=str(path))
 
 

@@ -11,6 +11,7 @@ from .base_models import DEFAULT_MODEL
 from .data import Example, load_examples
 from .eval.generation import generate
 from .eval.loss import loss_table
+from .options import check_ranges
 from .train.config import TrainConfig
 from .train.run import run_training
 
@@ -41,6 +42,9 @@ class DemoOptions:
     """Optimizer steps (8 examples each)."""
     method: str = field(default="hydralora", metadata={"choices": ("hydralora", "lora")})
     """hydralora, or lora (the PEFT LoRA baseline)."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"max_steps": ">=1"})
 
 
 def run_demo(opts: DemoOptions | None = None) -> dict:

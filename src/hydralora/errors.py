@@ -38,3 +38,13 @@ class ClusterModelError(UserError, ValueError):
 
 class TrainingError(UserError, RuntimeError):
     """A run cannot start or continue; the message says why and what to do."""
+
+
+class StorageError(UserError, OSError):
+    """A file could not be written (disk full, quota, read-only): the message names the path."""
+
+
+def short(value: object, limit: int = 60) -> str:
+    """`repr(value)` cut to `limit` characters, for error messages about values of any size."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -33,6 +33,7 @@ from .eval.loss import domain_losses
 from .files import check_output_dir, read_json_object, staged_dir
 from .methods import adapter_kind, load_model_with_adapter
 from .model import hydralora_layers, remove_hydralora
+from .options import check_ranges
 from .routing import gate_statistics
 
 FORMATS = ("peft-lora", "merged")
@@ -58,6 +59,9 @@ class ExportOptions:
     """Allow replacing a non-empty --output."""
     max_length: int = DEFAULT_MAX_LENGTH
     """Tokens per calibration example."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"max_length": ">=1"})
 
 
 def gates_from_file(path: str | Path, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -194,6 +198,9 @@ def run_export(opts: ExportOptions) -> dict:
     if adapter_kind(opts.adapter) != "hydralora":
         raise ConfigError(f"{opts.adapter}: export takes a HydraLoRA adapter (PEFT adapters need no export)")
     output = Path(opts.output)
+    base = Path(opts.model)
+    if base.is_dir() and output.exists() and output.resolve() == base.resolve():
+        raise ConfigError(f"--output {output} is the base model's own folder; write the export elsewhere")
     check_output_dir(output, opts.overwrite, keep=Path(opts.adapter))
     model, tokenizer = load_model_with_adapter(opts.model, opts.adapter)
     features = None

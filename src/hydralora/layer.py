@@ -25,6 +25,13 @@ from torch import nn
 
 from .config import HydraLoraConfig
 from .errors import ConfigError
+from .router import (
+    RouterStats,
+    balance_loss,
+    example_means,
+    gates_from_logits,
+    pool_sequence,
+)
 
 try:  # GPT-2 style Conv1D (y = x W + b with W stored as in x out)
     from transformers.pytorch_utils import Conv1D
@@ -32,32 +39,6 @@ except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = ()  # type: ignore[assignment,misc]
 
 SUPPORTED_BASE_TYPES = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
-
-
-class RouterStats:
-    """Running sums of router statistics over the tokens seen while recording is on."""
-
-    def __init__(self, num_heads: int):
-        self.gate_sum = torch.zeros(num_heads, dtype=torch.float64)  # sum of g_i over tokens
-        self.top1_count = torch.zeros(num_heads, dtype=torch.float64)  # tokens whose argmax is i
-        self.entropy_sum = 0.0  # sum over tokens of -sum_i g_i log g_i
-        self.tokens = 0
-
-    def add(self, gates: torch.Tensor) -> None:
-        g = gates.detach().float().cpu()  # (N, k)
-        self.gate_sum += g.sum(0).double()
-        self.top1_count += torch.bincount(g.argmax(-1), minlength=g.shape[-1]).double()
-        self.entropy_sum += float(-(g * g.clamp_min(1e-12).log()).sum())
-        self.tokens += g.shape[0]
-
-    def summary(self) -> dict[str, list[float] | float]:
-        n = max(self.tokens, 1)
-        return {
-            "mean_gate": (self.gate_sum / n).tolist(),
-            "top1_share": (self.top1_count / n).tolist(),
-            "entropy": self.entropy_sum / n,
-            "tokens": self.tokens,
-        }
 
 
 class HydraLoraLinear(nn.Module):
@@ -71,8 +52,11 @@ class HydraLoraLinear(nn.Module):
 
     Side values stay on the module: `aux_loss` (balance loss of the last training forward when
     balance_loss_weight > 0), `stats` (RouterStats while recording), `last_gates` (when
-    `keep_gates` is set). `token_mask`, when set to a bool tensor of the flattened leading
-    shape, limits the balance loss and statistics to real (non-padding) tokens.
+    `keep_gates` is set), `example_gates` (per-example mean router probabilities (B, k) of the
+    last forward, with gradient, when `track_example_gates` is set: what the guide loss pulls).
+    Inputs set by the caller for the next forwards: `token_mask` (bool, the leading shape: real tokens, so padding is left out of the
+    balance loss and statistics), `prompt_mask` ((B, T) bool: the tokens that sequence routing
+    pools), `forced_gates` ((B, k): every token of example b gets these gates; oracle routing).
     """
 
     def __init__(self, base: nn.Module, config: HydraLoraConfig):
@@ -111,6 +95,11 @@ class HydraLoraLinear(nn.Module):
         self.keep_gates = False
         self.last_gates: torch.Tensor | None = None
         self.token_mask: torch.Tensor | None = None
+        self.prompt_mask: torch.Tensor | None = None
+        self.forced_gates: torch.Tensor | None = None
+        self.track_example_gates = False
+        self.example_gates: torch.Tensor | None = None
+        self._sequence_gates: torch.Tensor | None = None  # (B, k) of the prompt, for decoding
         self.reset_parameters()
 
     @classmethod
@@ -144,90 +133,86 @@ class HydraLoraLinear(nn.Module):
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     # ------------------------------------------------------------------ routing
-    def _gates(self, logits: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:
-        """Per-token head weights in float32, (N, k); each row sums to 1."""
-        cfg, k = self.config, self.num_heads
-        if logits is None:  # k == 1 or uniform router
-            return torch.full((n, k), 1.0 / k, device=like.device, dtype=torch.float32)
-        logits = logits.float() / cfg.router_temperature
-        if cfg.router == "topk" and cfg.top_k < k:
-            top_vals, top_idx = logits.topk(cfg.top_k, dim=-1)  # (N, top_k)
-            gates = torch.zeros_like(logits).scatter(-1, top_idx, top_vals.softmax(-1))
-        else:
-            gates = logits.softmax(-1)
-        if self.training and cfg.head_dropout > 0:
-            keep = torch.rand_like(gates) >= cfg.head_dropout  # (N, k)
-            kept = gates * keep
-            total = kept.sum(-1, keepdim=True)
-            # a token that lost all its selected heads keeps its original gates
-            gates = torch.where(total > 0, kept / total.clamp_min(1e-12), gates)
-        if self.training and cfg.balance_loss_weight > 0:
-            self.aux_loss = self._balance_loss(logits)
-        return gates
-
-    def _balance_loss(self, logits: torch.Tensor) -> torch.Tensor:
-        """Switch-style balance loss k * sum_i f_i P_i; equals 1 for perfectly even usage.
-
-        f_i: share of (real) tokens whose top-`top_k` selection includes head i (divided by
-        top_k); P_i: mean router probability of head i. Only P carries a gradient.
-        """
-        probs = logits.softmax(-1)  # (N, k) float32
-        mask = self._mask(probs.shape[0])
-        if mask is not None:
-            probs = probs[mask]
-        top_k = self.config.top_k if self.config.router == "topk" else 1
-        chosen = probs.topk(top_k, dim=-1).indices  # (N, top_k)
-        f = torch.zeros_like(probs).scatter(-1, chosen, 1.0).mean(0) / top_k  # (k,)
-        return self.num_heads * (f * probs.mean(0)).sum()
-
-    def _mask(self, n: int) -> torch.Tensor | None:
+    def _weight(self, n: int) -> torch.Tensor | None:
+        """(N,) 1 for real tokens, 0 for padding; None when no token mask fits."""
         m = self.token_mask
         if m is None or m.numel() != n:
             return None
-        return m.reshape(n).to(torch.bool)
+        return m.reshape(n)
+
+    def _logits(self, x: torch.Tensor, h: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
+        """Router logits: per token (N, k), or per example (B, k) with sequence routing."""
+        source = x if self.config.router_input == "x" else h
+        if self.config.routing == "sequence":
+            source = pool_sequence(source, lead, self.prompt_mask)  # (B, d)
+        return F.linear(source.to(self.router.dtype), self.router)
+
+    def _sequence_to_tokens(self, gates: torch.Tensor, n: int) -> torch.Tensor:
+        """Expand per-example gates (B, k) to every token (N, k), N = B*T."""
+        return gates.repeat_interleave(n // gates.shape[0], dim=0)
+
+    def _gates(self, x: torch.Tensor, h: torch.Tensor, lead: tuple[int, ...],
+               logits: torch.Tensor | None) -> torch.Tensor:
+        """Per-token head weights in float32, (N, k); each row sums to 1."""
+        cfg, k, n = self.config, self.num_heads, x.shape[0]
+        forced = self.forced_gates
+        if forced is not None and forced.shape[0] * (n // max(forced.shape[0], 1)) == n:
+            return self._sequence_to_tokens(forced.to(h.device, torch.float32), n)
+        if not cfg.has_router:  # k == 1, uniform router, or oracle without labels
+            return torch.full((n, k), 1.0 / k, device=h.device, dtype=torch.float32)
+        cached = self._sequence_gates
+        if cfg.routing == "sequence" and not self.training and len(lead) > 1 and lead[-1] == 1 \
+                and cached is not None and cached.shape[0] == lead[0]:
+            return self._sequence_to_tokens(cached, n)  # a decoding step: the prompt's gates
+        if logits is None:
+            logits = self._logits(x, h, lead)
+        gates = gates_from_logits(logits, cfg, self.training)  # (N, k) or (B, k)
+        weight = self._weight(n)
+        if self.track_example_gates:  # the router's probabilities, before top-k and head dropout
+            probs = (logits.float() / cfg.router_temperature).softmax(-1)
+            sequence = cfg.routing == "sequence"
+            self.example_gates = probs if sequence else example_means(probs, lead, weight)
+        if self.training and cfg.balance_loss_weight > 0:
+            self.aux_loss = balance_loss(logits, cfg, None if cfg.routing == "sequence" else weight)
+        if cfg.routing == "sequence":
+            self._sequence_gates = None if self.training else gates.detach()
+            gates = self._sequence_to_tokens(gates, n)
+        return gates
 
     def _record(self, gates: torch.Tensor) -> None:
-        if self.stats is None and not self.keep_gates:
-            return
-        g = gates.detach()
-        mask = self._mask(g.shape[0])
-        if mask is not None:
-            g = g[mask]
+        weight = self._weight(gates.shape[0])
         if self.stats is not None:
-            self.stats.add(g)
-        if self.keep_gates:
-            self.last_gates = g.float().cpu()
+            self.stats.add(gates, weight)
+        if self.keep_gates:  # an inspection aid, off the training path
+            g = gates.detach()
+            self.last_gates = (g if weight is None else g[weight.bool()]).float().cpu()
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
         if self.disabled or self.merged_gates is not None:
             return result
-        lead = x.shape[:-1]
+        lead = tuple(x.shape[:-1])
         x2 = x.reshape(-1, self.in_features)  # (N, in)
         if x2.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(x2.device.type):
             x2 = x2.to(self.lora_A.dtype)
-        delta = self._delta(x2)  # (N, out)
+        delta = self._delta(x2, lead)  # (N, out)
         return result + delta.view(*lead, self.out_features).to(result.dtype)
 
-    def _delta(self, x: torch.Tensor) -> torch.Tensor:
+    def _delta(self, x: torch.Tensor, lead: tuple[int, ...] = ()) -> torch.Tensor:
         """(alpha/r) * sum_i g_i B_i A dropout(x) for x of shape (N, in); returns (N, out)."""
         cfg, k, r = self.config, self.num_heads, self.r
         n = x.shape[0]
-        route_on_x = self.router is not None and cfg.router_input == "x"
-        if route_on_x and not (self.training and cfg.dropout > 0):
-            # one GEMM for A and the router: (N, in) @ (in, a_rows + k)
+        lead = lead or (n,)
+        fuse = (self.router is not None and cfg.router_input == "x" and cfg.routing == "token"
+                and self.forced_gates is None and not (self.training and cfg.dropout > 0))
+        logits = None
+        if fuse:  # one GEMM for A and the router: (N, in) @ (in, a_rows + k)
             ha = F.linear(x, torch.cat([self.lora_A, self.router]))
             h, logits = ha.split([self.a_rows, k], dim=-1)  # (N, a_rows), (N, k)
         else:
             h = F.linear(self.dropout(x), self.lora_A)  # (N, a_rows)
-            if route_on_x:
-                logits = F.linear(x, self.router)  # (N, k)
-            elif self.router is not None:  # router_input == "a"
-                logits = F.linear(h, self.router)
-            else:
-                logits = None
-        gates = self._gates(logits, n, h)  # (N, k) float32
+        gates = self._gates(x, h, lead, logits)  # (N, k) float32
         self._record(gates)
         scaled = (gates * self.scaling).to(h.dtype)  # fold alpha/r into the k gates
         if k == 1:

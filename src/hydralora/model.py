@@ -21,10 +21,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import HydraLoraConfig
+from .config import FORMAT_VERSION, HydraLoraConfig
 from .errors import AdapterError, ConfigError
 from .files import atomic_write
 from .layer import SUPPORTED_BASE_TYPES, HydraLoraLinear
+from .router import guide_loss as router_guide_loss
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -155,6 +156,18 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def full_adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors as whole CPU tensors, by on-disk key. A parameter sharded by FSDP2
+    (a DTensor) is gathered whole: under FSDP every process must call this; one then writes."""
+    tensors = {}
+    for key, p in adapter_state_dict(model).items():
+        value = p.detach()
+        if hasattr(value, "full_tensor"):  # torch.distributed.tensor.DTensor
+            value = value.full_tensor()
+        tensors[key] = value.contiguous().cpu()
+    return tensors
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -201,18 +214,49 @@ def set_token_mask(model: nn.Module, mask: torch.Tensor | None) -> None:
         layer.token_mask = mask
 
 
+def set_prompt_mask(model: nn.Module, mask: torch.Tensor | None) -> None:
+    """(B, T) bool: the prompt tokens that sequence routing pools (None: all tokens)."""
+    for layer in hydralora_layers(model).values():
+        layer.prompt_mask = mask
+
+
+def set_forced_gates(model: nn.Module, gates: torch.Tensor | None) -> None:
+    """(B, k): every token of example b gets gates[b] in every layer (oracle routing, or
+    given gates); None goes back to the router."""
+    for layer in hydralora_layers(model).values():
+        layer.forced_gates = gates
+
+
+def track_example_gates(model: nn.Module, on: bool) -> None:
+    """Keep each forward's per-example mean gates on the layers (for `guide_loss`)."""
+    for layer in hydralora_layers(model).values():
+        layer.track_example_gates = on
+        layer.example_gates = None
+
+
+def guide_loss(model: nn.Module, labels: torch.Tensor) -> torch.Tensor | None:
+    """Mean over layers of the cross-entropy between each example's mean gates and the head of
+    its label (B,), from the last forward with `track_example_gates` on; None if none kept."""
+    terms = [router_guide_loss(layer.example_gates, labels)
+             for layer in hydralora_layers(model).values() if layer.example_gates is not None]
+    return torch.stack(terms).mean() if terms else None
+
+
 def _base_model_name(model: nn.Module) -> str | None:
     cfg = getattr(model, "config", None)
     return getattr(cfg, "name_or_path", None) or None
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, overwrite: bool = True) -> Path:
+def save_adapter(model: nn.Module, path: str | os.PathLike, overwrite: bool = True,
+                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `path/adapter_model.safetensors` and `path/adapter_config.json`.
 
     Each file is written under a temporary name, flushed to disk and then renamed over the old
     one (weights first, config last), so an interrupted or failed save never leaves a
     half-written file and keeps the previous adapter. Other files in `path` (checkpoints,
     logs) are left alone. With `overwrite=False` an existing adapter at `path` is an error.
+    `tensors`: the adapter's tensors when already gathered (full_adapter_tensors), e.g. by
+    every FSDP process before rank 0 writes.
     """
     config = get_config(model)
     path = Path(path)
@@ -222,12 +266,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, overwrite: bool = Tr
         raise AdapterError(
             f"{path} already holds an adapter; choose another directory or allow overwriting"
         )
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    tensors = full_adapter_tensors(model) if tensors is None else tensors
     meta = config.to_dict()
     meta.update(
         peft_type="HYDRALORA",
         base_model_name_or_path=_base_model_name(model),
         hydralora_version=package_version(),
+        format_version=FORMAT_VERSION,
     )
     path.mkdir(parents=True, exist_ok=True)
     with atomic_write(path / WEIGHTS_NAME) as tmp:
@@ -310,6 +355,13 @@ def load_adapter_weights(
         raise AdapterError(
             f"{source} does not fit this model ({len(problems)} problem(s)); was it trained on "
             "another base model or config?\n  " + "\n  ".join(problems)
+        )
+    broken = [k for k in sorted(params) if tensors[k].is_floating_point() and not torch.isfinite(tensors[k]).all()]
+    if broken:
+        raise AdapterError(
+            f"{source}: tensor {broken[0]} holds NaN or infinite values"
+            + (f" ({len(broken) - 1} more tensors too)" if len(broken) > 1 else "")
+            + "; the adapter is broken (did training diverge?): use an earlier checkpoint"
         )
     with torch.no_grad():
         for key, p in params.items():

@@ -11,6 +11,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -18,7 +19,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, short
 from .files import read_yaml_mapping
 
 REGEX_CHARS = set("*^$|()[]\\+?")
@@ -137,7 +138,7 @@ def read_yaml_config(path: str | Path, known: set[str]) -> dict[str, Any]:
         name = str(key).replace("-", "_")
         if name not in known:
             raise ConfigError(
-                f"{path}: unknown option {key!r}; known options: {', '.join(sorted(known))}"
+                f"{path}: unknown option {short(key)}; known options: {', '.join(sorted(known))}"
             )
         out[name] = value
     return out
@@ -154,3 +155,68 @@ def split_fields(values: dict[str, Any], *classes: type) -> list[dict[str, Any]]
 
 def known_fields(*classes: type) -> set[str]:
     return {f.name for cls in classes for f in dataclasses.fields(cls)}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def coerce_values(values: dict[str, Any], *classes: type) -> dict[str, Any]:
+    """Values read from YAML as the fields' types: number strings ('2e-4', '10') become
+    numbers for float/int fields, a single string becomes a one-item list for list fields
+    (a string with regex characters stays a regex where the field takes one). A value of the
+    wrong type is a ConfigError naming the option and a short prefix of the value."""
+    out = dict(values)
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name not in out or out[f.name] is None:
+                continue
+            kind, value = _kind(hints[f.name]), out[f.name]
+            if kind in ("int", "float") and isinstance(value, str) and not _is_int_or_auto(f.name, value):
+                try:
+                    value = float(value) if kind == "float" else int(value)
+                except ValueError:
+                    raise ConfigError(f"{flag(f.name)}: expected {'an integer' if kind == 'int' else 'a number'}, "
+                                      f"got {short(value)}") from None
+            if kind == "int" and isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if (kind in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float)))
+                    and not _is_int_or_auto(f.name, value)):
+                raise ConfigError(f"{flag(f.name)}: expected a number, got {short(value)}")
+            if kind == "list" and isinstance(value, str):
+                value = [value]
+            if kind == "list|str" and isinstance(value, str) and not REGEX_CHARS & set(value):
+                value = [value]
+            if kind in ("list", "list|str") and isinstance(value, list) and not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{flag(f.name)}: expected a list of names, got {short(value)}")
+            if kind == "bool" and not isinstance(value, bool):
+                raise ConfigError(f"{flag(f.name)}: expected true or false, got {short(value)}")
+            out[f.name] = value
+    return out
+
+
+def _is_int_or_auto(name: str, value: Any) -> bool:
+    return name == "num_heads" and value == "auto"
+
+
+def check_ranges(obj: Any, rules: dict[str, str]) -> None:
+    """Range checks that argparse cannot make, one ConfigError naming the flag. Rules:
+    '>=1' / '>=0' integers, '>0' / '>=0.0' finite numbers; a leading '?' also allows None."""
+    for name, rule in rules.items():
+        value = getattr(obj, name)
+        if rule.startswith("?"):
+            if value is None:
+                continue
+            rule = rule[1:]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        what = {">=1": "an integer >= 1", ">=0": "an integer >= 0", ">0": "a finite number > 0",
+                ">=0.0": "a finite number >= 0"}[rule]
+        if rule in (">=1", ">=0"):
+            ok = number and isinstance(value, int) and value >= int(rule[2:])
+        else:
+            ok = number and math.isfinite(value) and (value > 0 if rule == ">0" else value >= 0)
+        if not ok:
+            raise ConfigError(f"{flag(name)} must be {what}, got {short(value)}")

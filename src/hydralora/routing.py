@@ -17,9 +17,62 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import Collator, group_by_domain
-from .layer import RouterStats
-from .model import hydralora_layers, set_token_mask
+from .cluster_model import ClusterModel
+from .data import IGNORE_INDEX, Collator, group_by_domain
+from .errors import DataError
+from .model import hydralora_layers, set_forced_gates, set_prompt_mask, set_token_mask
+from .router import RouterStats
+
+
+def route_batch(model: nn.Module, batch: dict[str, Any] | None) -> None:
+    """Tell the layers about the next batch (None: forget it): its real tokens (statistics and
+    balance loss skip padding), its prompt tokens (what sequence routing pools) and, for
+    oracle routing, each example's head from its `route_labels`."""
+    if batch is None:
+        set_token_mask(model, None)
+        set_prompt_mask(model, None)
+        set_forced_gates(model, None)
+        return
+    real = batch["attention_mask"].bool()  # (B, T)
+    set_token_mask(model, real)
+    labels = batch.get("labels")
+    set_prompt_mask(model, real if labels is None else real & (labels == IGNORE_INDEX))
+    layers = list(hydralora_layers(model).values())
+    if layers and layers[0].config.routing == "oracle":
+        if "route_labels" not in batch:
+            raise DataError("oracle routing needs each example's label (its domain or cluster): "
+                            "give route labels, or use a model with a router")
+        gates = torch.nn.functional.one_hot(batch["route_labels"], layers[0].num_heads).float()
+        set_forced_gates(model, gates)
+
+
+def route_label_names(examples_domains: list[str | None], source: str, k: int) -> list[str]:
+    """The label each head stands for: the sorted domains (source 'domain') or cluster_<i>."""
+    if source == "cluster":
+        return [f"cluster_{i}" for i in range(k)]
+    domains = sorted({d for d in examples_domains if d})
+    if not domains or any(d is None for d in examples_domains):
+        raise DataError("routing by domain needs a 'domain' field on every example")
+    if len(domains) != k:
+        raise DataError(f"routing by domain: {len(domains)} domains ({', '.join(domains)}) for "
+                        f"{k} heads; pass --num-heads {len(domains)} (or auto)")
+    return domains
+
+
+def attach_route_labels(features: list[dict[str, Any]], names: list[str],
+                        clusters: ClusterModel | None = None) -> None:
+    """Give every tokenized example its `route_label` (the index of its head): by domain, or
+    by the cluster of its instruction when `clusters` is given."""
+    if clusters is not None:
+        for f, c in zip(features, clusters.predict([f["instruction"] for f in features])):
+            f["route_label"] = c
+        return
+    index = {name: i for i, name in enumerate(names)}
+    unknown = sorted({f.get("domain") or "(none)" for f in features} - set(index))
+    if unknown:
+        raise DataError(f"examples of domain(s) {unknown} have no head; the heads stand for {names}")
+    for f in features:
+        f["route_label"] = index[f["domain"]]
 
 
 def start_router_stats(model: nn.Module) -> None:
@@ -40,13 +93,13 @@ def gate_statistics(model: nn.Module, features: list[dict[str, Any]], pad_token_
     device = next(model.parameters()).device
     try:
         for i in range(0, len(features), batch_size):
-            batch = collate(features[i : i + batch_size])
-            mask = batch["attention_mask"].to(device)
-            set_token_mask(model, mask.bool())
-            model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
+            batch = {k: v.to(device) if torch.is_tensor(v) else v
+                     for k, v in collate(features[i : i + batch_size]).items()}
+            route_batch(model, batch)
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return collect_router_stats(model)
     finally:
-        set_token_mask(model, None)
+        route_batch(model, None)
         stop_router_stats(model)
         model.train(was_training)
 
@@ -89,7 +142,9 @@ def head_similarity(lora_b: torch.Tensor, num_heads: int) -> float | None:
 def diversity_report(model: nn.Module, stats: dict[str, dict[str, Any]] | None = None) -> dict:
     """Scalars for logs and summaries: head similarity, gate entropy (normalized), usage."""
     layers = hydralora_layers(model)
-    sims = [head_similarity(layer.lora_B, layer.num_heads) for layer in layers.values()]
+    sims = [head_similarity(layer.lora_B, layer.num_heads) for layer in layers.values()
+            # skip FSDP shards (DTensor) and ZeRO-3 placeholders (empty): no whole B here
+            if layer.lora_B.dim() == 2 and layer.lora_B.numel() and not hasattr(layer.lora_B, "placements")]
     sims = [s for s in sims if s is not None]
     report: dict[str, float] = {}
     if sims:

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..errors import MixtureError
 from ..files import atomic_write
+from ..options import check_ranges
 from .records import load_examples
 
 DOMAINS = ("math", "code", "topic", "headline")
@@ -205,6 +206,9 @@ class BuiltinDataOptions:
     """Examples per domain of the test split."""
     seed: int = 0
     """Seed of the shuffle and split."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"train_per_domain": ">=1", "test_per_domain": ">=1", "seed": ">=0"})
 
 
 def run_builtin_data(opts: BuiltinDataOptions) -> tuple[Path, Path]:

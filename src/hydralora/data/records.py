@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
+from ..errors import DataError, short
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 SHAPES = {
@@ -56,18 +56,34 @@ class Example:
 
 
 # ---------------------------------------------------------------------------- reading files
-def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a text file; anything not UTF-8 is a DataError naming the file,
+    the line and the encoding it looks like."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if line_no == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+                raise DataError(f"{path}, line 1: the file is UTF-16 text; save it as UTF-8")
             try:
-                yield f"line {line_no}", json.loads(line)
-            except json.JSONDecodeError as err:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
                 raise DataError(
-                    f"{path}, line {line_no}: not valid JSON ({err.msg} at column {err.colno}); "
-                    "each line of a .jsonl file must be one JSON object"
+                    f"{path}, line {line_no}: not UTF-8 text (byte {err.start + 1} of the line: "
+                    f"{err.reason}; Latin-1 or another legacy encoding?); save the file as UTF-8"
                 ) from None
+            yield line_no, text.removeprefix("\ufeff") if line_no == 1 else text
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    for line_no, line in _utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield f"line {line_no}", json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{path}, line {line_no}: not valid JSON ({err.msg} at column {err.colno}); "
+                "each line of a .jsonl file must be one JSON object"
+            ) from None
 
 
 def _csv_string_features(path: Path):
@@ -83,6 +99,9 @@ def _iter_with_datasets(path: Path, kind: str) -> Iterator[tuple[str, Any]]:
     import datasets
 
     datasets.disable_progress_bars()
+    if kind in ("csv", "json"):
+        for _ in _utf8_lines(path):  # a clear error for files that are not UTF-8
+            pass
     try:
         # CSV cells are text: keep "5" a string instead of letting pandas make it an int
         extra = {"features": _csv_string_features(path)} if kind == "csv" else {}
@@ -98,6 +117,8 @@ def _iter_with_datasets(path: Path, kind: str) -> Iterator[tuple[str, Any]]:
 def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
     """Yield (location, record) for every record of a data file."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; give the data files in it (e.g. {path}/train.jsonl)")
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     kind = SUFFIXES.get(path.suffix.lower())
@@ -127,7 +148,16 @@ def _require_text(record: dict, key: str, where: str, allow_empty: bool = False)
         raise DataError(f"{where}: field {key!r} must be a string, it is {got}")
     if not allow_empty and not value.strip():
         raise DataError(f"{where}: field {key!r} is empty")
+    _check_encodable(value, key, where)
     return value
+
+
+def _check_encodable(value: str, key: str, where: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataError(f"{where}: field {key!r} holds a lone surrogate "
+                        f"({value[err.start]!r} at character {err.start + 1}); not valid text") from None
 
 
 def record_to_example(record: Any, shape: str, where: str) -> Example:
@@ -142,9 +172,13 @@ def record_to_example(record: Any, shape: str, where: str) -> Example:
         )
     if shape == "alpaca":
         instruction = _require_text(record, "instruction", where)
-        extra = record.get("input") or ""
+        extra = record.get("input")
+        if extra is None:
+            extra = ""
         if not isinstance(extra, str):
-            raise DataError(f"{where}: field 'input' must be a string")
+            raise DataError(f"{where}: field 'input' must be a string (or absent), it is "
+                            f"{type(extra).__name__} {short(extra)}")
+        _check_encodable(extra, "input", where)
         user = instruction + (f"\n\n{extra}" if extra.strip() else "")
         messages = [{"role": "user", "content": user}]
         messages.append({"role": "assistant", "content": _require_text(record, "output", where)})

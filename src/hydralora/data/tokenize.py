@@ -181,4 +181,6 @@ class Collator:
         out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         if all("adapter_name" in f for f in batch):  # LoRA-Split: each row's PEFT adapter
             out["adapter_names"] = [f["adapter_name"] for f in batch]
+        if all("route_label" in f for f in batch):  # oracle routing / guide loss: each row's head
+            out["route_labels"] = torch.tensor([f["route_label"] for f in batch], dtype=torch.long)
         return out

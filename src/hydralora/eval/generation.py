@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..data import bos_ids, render_prompt
+from ..model import set_prompt_mask
 
 
 @torch.no_grad()
@@ -38,6 +39,7 @@ def generate(
                 [texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
             ).to(device)
             extra = {"adapter_names": [adapter_names[i] for i in idx]} if adapter_names else {}
+            set_prompt_mask(model, enc["attention_mask"].bool())  # sequence routing: the prompt
             out = model.generate(
                 **enc,
                 **extra,
@@ -53,6 +55,7 @@ def generate(
             for i, row in zip(idx, new):
                 answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     finally:
+        set_prompt_mask(model, None)
         tokenizer.padding_side = side
         model.train(was_training)
     return answers

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import IGNORE_INDEX, Collator
+from ..routing import route_batch
 
 
 def response_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,6 +70,7 @@ def domain_losses(
     for start in range(0, len(order), batch_size):
         chunk = [features[i] for i in order[start : start + batch_size]]
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(chunk).items()}
+        route_batch(model, batch)  # padding, prompt and oracle labels for the HydraLoRA layers
         with autocast_context(model, bf16):
             nll, rows = response_nll(model, batch)
         per_row = torch.zeros(len(chunk)).index_add_(0, rows.cpu(), nll.cpu())
@@ -78,6 +80,7 @@ def domain_losses(
             sums[domain] += total
             tokens[domain] += n
             examples[domain] += 1
+    route_batch(model, None)
     model.train(was_training)
     out: dict[str, dict[str, float]] = {}
     for domain in sorted(sums):

@@ -13,7 +13,10 @@ from ..data import DEFAULT_MAX_LENGTH, Example, load_examples, tokenize_examples
 from ..data.builtin import BUILTIN, resolve_builtin
 from ..errors import ConfigError
 from ..files import write_text
+from ..options import check_ranges
 from ..methods import load_model_with_adapter
+from ..methods.hydralora import oracle_labeler
+from ..routing import attach_route_labels
 from .generation import generate
 from .loss import domain_losses
 from .metrics import eval_table, task_metrics
@@ -46,6 +49,10 @@ class EvalOptions:
     dtype: str = DEFAULT_DTYPE
     """Dtype of the base weights: float32, bfloat16, float16 or auto."""
 
+    def __post_init__(self) -> None:
+        check_ranges(self, {"batch_size": ">=1", "max_length": ">=1", "max_new_tokens": "?>=1",
+                            "limit": "?>=1"})
+
 
 @dataclass
 class GenerateOptions:
@@ -66,6 +73,9 @@ class GenerateOptions:
     dtype: str = DEFAULT_DTYPE
     """Dtype of the base weights: float32, bfloat16, float16 or auto."""
 
+    def __post_init__(self) -> None:
+        check_ranges(self, {"max_new_tokens": ">=1", "temperature": ">0"})
+
 
 def limit_per_domain(examples: list[Example], limit: int) -> list[Example]:
     seen: dict[str, int] = defaultdict(int)
@@ -79,6 +89,8 @@ def limit_per_domain(examples: list[Example], limit: int) -> list[Example]:
 
 def run_eval(opts: EvalOptions, name: str | None = None) -> dict[str, Any]:
     """Evaluate a base model or an adapter on held-out files; print a table, optionally save JSON."""
+    if opts.output and Path(opts.output).is_dir():
+        raise ConfigError(f"--output {opts.output} is a folder; give a file name for the JSON results")
     if opts.output and Path(opts.output).exists() and not opts.overwrite:
         raise ConfigError(f"{opts.output} exists; choose another --output or pass --overwrite")
     data = opts.data
@@ -93,6 +105,12 @@ def run_eval(opts: EvalOptions, name: str | None = None) -> dict[str, Any]:
     model, tokenizer, router = load_model_with_adapter(opts.model, opts.adapter, dtype=opts.dtype,
                                                        with_router=True)
     features, _ = tokenize_examples(examples, tokenizer, opts.max_length, skip_overlong=True)
+    oracle = oracle_labeler(model, Path(opts.adapter)) if opts.adapter else None
+    if oracle is not None:  # a diagnostic adapter: the gates come from each example's label
+        if opts.generate:
+            raise ConfigError(f"{opts.adapter} routes by oracle labels (a diagnostic): its "
+                              "held-out loss is what it measures; pass --no-generate")
+        attach_route_labels(features, *oracle)
     if router:
         for f, route in zip(features, router.route([f["instruction"] for f in features])):
             f["adapter_name"] = route

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import HydraLoraConfig
 from ..data import Example
-from ..files import temporary_dir
+from ..files import read_manifest, temporary_dir
 from ..model import CONFIG_NAME
 from .base import Built, Method, one_part
 
@@ -31,9 +31,12 @@ def build(model: nn.Module, adapter: HydraLoraConfig, seed: int, examples: list[
 
 def save_peft_files(model: nn.Module, output: Path) -> None:
     """PEFT's own files, each moved into place atomically (the config last)."""
+    ours = read_manifest(output) or set()
     with temporary_dir(output, ".peft-") as tmp:
         model.save_pretrained(tmp)
         for f in sorted(tmp.iterdir(), key=lambda p: p.name == CONFIG_NAME):
+            if f.name == "README.md" and (output / f.name).exists() and f.name not in ours:
+                continue  # PEFT's model card must not replace the user's README
             os.replace(f, output / f.name)
 
 

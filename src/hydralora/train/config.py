@@ -9,15 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainingArguments
+from transformers.trainer_utils import SchedulerType
 
 from ..base_models import DEFAULT_DTYPE, DEFAULT_MODEL
 from ..clustering import K_MAX
 from ..config import TRAIN_ADAPTER_DEFAULTS, HydraLoraConfig
 from ..data import DEFAULT_MAX_LENGTH
 from ..data.builtin import TEST_PER_DOMAIN, TRAIN_PER_DOMAIN
-from ..errors import TrainingError
+from ..errors import ConfigError, TrainingError, short
 from ..methods import METHODS
 from ..methods.lora_split import SPLIT_MODES
+from ..options import check_ranges
 
 # A run recorded (train_config.yaml) before train's defaults departed from the paper's had
 # these values; `--resume` of such a run fills them in for the keys its file lacks.
@@ -55,6 +58,14 @@ class TrainConfig:
     router_lr_multiplier: float = 10.0
     """The routers learn at lr times this (the paper: 1; 10 with random heads was the best
     setting of the head-diversity study in docs/results.md)."""
+    route_labels_from: str = "cluster"
+    """Labels of the oracle routing and the guide loss: 'cluster' (k-means of the instructions,
+    as for choosing k) or 'domain' (the records' domain field)."""
+    guide_loss_weight: float = 0.0
+    """Cluster-guided routing: weight of a loss pulling each example's mean gates toward the
+    head of its label (see route_labels_from); 0 = off. Inference still routes on the input."""
+    guide_schedule: str = "constant"
+    """Weight of the guide loss over training: constant, or decay (linearly to 0)."""
     batch_size: int = 8
     """Examples per step per process."""
     grad_accum: int = 1
@@ -94,6 +105,10 @@ class TrainConfig:
     adapter: dict[str, Any] = field(default_factory=dict)
     """HydraLoraConfig values (the CLI fills these from the adapter flags); TRAIN_ADAPTER_DEFAULTS
     fills the keys not given."""
+    trainer_args: dict[str, Any] = field(default_factory=dict)
+    """Any other transformers TrainingArguments field (report_to, optim, max_grad_norm,
+    eval_strategy, fsdp, deepspeed, ...); they override what train sets. CLI: repeatable
+    --trainer-arg KEY=VALUE; YAML: a `trainer:` mapping."""
 
     def __post_init__(self) -> None:
         self.adapter = {**TRAIN_ADAPTER_DEFAULTS, **self.adapter}
@@ -105,6 +120,12 @@ class TrainConfig:
             raise TrainingError("no output directory: give --output DIR")
         if self.method not in METHODS:
             raise TrainingError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.route_labels_from not in ("cluster", "domain"):
+            raise TrainingError("--route-labels-from must be cluster or domain")
+        if self.guide_schedule not in ("constant", "decay"):
+            raise TrainingError("--guide-schedule must be constant or decay")
+        if not self.guide_loss_weight >= 0:
+            raise TrainingError("--guide-loss-weight must be >= 0")
         if not self.router_lr_multiplier > 0:
             raise TrainingError("--router-lr-multiplier must be > 0 (a negative one makes the router ascend the loss)")
         for name in ("batch_size", "grad_accum", "max_length", "logging_steps"):
@@ -122,11 +143,68 @@ class TrainConfig:
             raise TrainingError("--resume is not supported for --method lora-split; start again")
         if self.bf16 not in ("auto", "true", "false"):
             raise TrainingError("--bf16 must be auto, true or false")
+        if isinstance(self.max_steps, int) and self.max_steps < -1:
+            raise ConfigError("--max-steps must be -1 (train for --epochs) or >= 1")
+        check_ranges(self, {**({"max_steps": ">=0"} if self.max_steps != -1 else {}), "epochs": ">=0.0",
+                            "lr": ">0", "weight_decay": ">=0.0", "router_lr_multiplier": ">0",
+                            "seed": ">=0", "save_steps": ">=0", "save_total_limit": ">=1",
+                            "k_max": ">=1", "builtin_train_per_domain": ">=1",
+                            "builtin_test_per_domain": ">=1"})
+        schedulers = [s.value for s in SchedulerType]
+        if self.lr_scheduler not in schedulers:
+            raise ConfigError(f"--lr-scheduler {short(self.lr_scheduler)}: choose one of {', '.join(schedulers)}")
+        check_trainer_args(self.trainer_args)
 
     def flat(self) -> dict[str, Any]:
         """Flat dict of every value (adapter values beside run values), as in the YAML file."""
         values = dataclasses.asdict(self)
         return {**{k: v for k, v in values.items() if k != "adapter"}, **self.adapter}
+
+
+# TrainingArguments fields that train sets from its own options: the option to use instead
+# (None: fixed, the data pipeline depends on it).
+OWNED_TRAINER_ARGS: dict[str, str | None] = {
+    "output_dir": "--output (checkpoints go to OUTPUT/checkpoints)",
+    "per_device_train_batch_size": "--batch-size",
+    "gradient_accumulation_steps": "--grad-accum",
+    "learning_rate": "--lr",
+    "lr_scheduler_type": "--lr-scheduler",
+    "warmup_steps": "--warmup-ratio",
+    "weight_decay": "--weight-decay",
+    "max_steps": "--max-steps",
+    "num_train_epochs": "--epochs",
+    "logging_steps": "--logging-steps",
+    "save_steps": "--save-steps",
+    "save_total_limit": "--save-total-limit",
+    "seed": "--seed",
+    "bf16": "--bf16",
+    "gradient_checkpointing": "--gradient-checkpointing",
+    "resume_from_checkpoint": "--resume",
+    "remove_unused_columns": None,
+    "label_names": None,
+}
+
+
+def trainer_arg_names() -> set[str]:
+    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def check_trainer_args(values: dict[str, Any]) -> None:
+    """Every key must be a TrainingArguments field that train does not set from its own options."""
+    known = trainer_arg_names()
+    for key in values:
+        if key in OWNED_TRAINER_ARGS:
+            instead = OWNED_TRAINER_ARGS[key]
+            raise ConfigError(
+                f"trainer argument {key!r} is set by hydralora train: use {instead}" if instead else
+                f"trainer argument {key!r} is fixed by hydralora train (its data collator needs it)"
+            )
+        if key not in known:
+            close = sorted(n for n in known if key.lower() in n or n in key.lower())[:5]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(
+                f"unknown trainer argument {key!r}: not a field of transformers.TrainingArguments{hint}"
+            )
 
 
 def bf16_supported(device: torch.device) -> bool:

@@ -3,7 +3,7 @@ train each of its parts with the Trainer, save, evaluate, summarize."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,23 +14,35 @@ from torch import nn
 from transformers import TrainerCallback, set_seed
 
 from ..base_models import load_model
+from ..cluster_model import ClusterModel
 from ..clustering import select_num_heads
-from ..data import load_examples, tokenize_examples
+from ..config import HydraLoraConfig
+from ..data import Example, load_examples, tokenize_examples
 from ..data.builtin import resolve_builtin
 from ..dist import is_main_process, log, world_size
 from ..eval.loss import domain_losses
 from ..files import write_json, write_yaml
 from ..methods import METHODS, count_adapter_parameters
 from ..model import find_targets, hydralora_layers
-from ..routing import collect_router_stats, diversity_report, gates_by_domain, router_report, stop_router_stats
+from ..routing import (
+    attach_route_labels,
+    collect_router_stats,
+    diversity_report,
+    gates_by_domain,
+    route_label_names,
+    router_report,
+    stop_router_stats,
+)
 from .config import TrainConfig, adapter_config, bf16_supported
 from .output import (
     CHECKPOINTS,
     RUN_CONFIG,
     SUMMARY,
+    check_resume_fits,
     discard_old_checkpoints,
     prepare_output,
     remove_leftovers,
+    run_folder,
 )
 from .trainer import fit, peak_memory_mb
 
@@ -50,8 +62,15 @@ def resolve_data(paths: list[str], cfg: TrainConfig, split: str) -> list[str]:
 def run_training(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] = ()
                  ) -> tuple[dict[str, Any], nn.Module, Any]:
     """Run one fine-tune; returns (summary, trained model, tokenizer). `callbacks` are added
-    to every Trainer run (e.g. your own logging)."""
+    to every Trainer run (e.g. your own logging). OUTPUT is locked during the run."""
     cfg.validate()
+    output = prepare_output(cfg)
+    with run_folder(output):
+        return _run_training(cfg, callbacks)
+
+
+def _run_training(cfg: TrainConfig, callbacks: Sequence[TrainerCallback]
+                  ) -> tuple[dict[str, Any], nn.Module, Any]:
     method = METHODS[cfg.method]
     output = prepare_output(cfg)
     started = time.time()
@@ -77,6 +96,11 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] = ()
         log(f"num_heads auto: k = {k_selection['k']} ({k_selection['method']})")
     adapter = adapter_config(cfg, k_selection)
     find_targets(model, adapter.target_modules)  # a wrong target fails here, before any output
+    route_clusters = None
+    if cfg.method == "hydralora" and (adapter.routing == "oracle" or cfg.guide_loss_weight > 0):
+        adapter, route_clusters = label_routes(cfg, adapter, examples, features, eval_features)
+    if cfg.resume and cfg.method == "hydralora":
+        check_resume_fits(output, adapter)  # before anything is written
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     use_bf16 = cfg.bf16 == "true" or (cfg.bf16 == "auto" and bf16_supported(device))
@@ -86,16 +110,19 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] = ()
         t0 = time.time()
         results["base"] = domain_losses(model, eval_features, tokenizer.pad_token_id, bf16=use_bf16)
         log(f"base model held-out loss {results['base']['mean']['loss']:.4f} ({time.time() - t0:.0f} s)")
-    if is_main_process():
+    set_seed(cfg.seed)
+    built = method.build(model, adapter, cfg.seed, examples, cfg.flat())
+    if route_clusters is not None and adapter.routing == "oracle":
+        built.state["route_clusters"] = route_clusters  # saved: evaluation labels by cluster
+    variant = method.variant(adapter, cfg.flat())
+    if is_main_process() and not cfg.resume:  # a resumed run's record changes once it worked
         output.mkdir(parents=True, exist_ok=True)
         write_yaml(output / RUN_CONFIG, cfg.flat())
-    set_seed(cfg.seed)
-    if cfg.overwrite and not cfg.resume and is_main_process():
-        discard_old_checkpoints(output)
-
-    built = method.build(model, adapter, cfg.seed, examples, cfg.flat())
-    variant = method.variant(adapter, cfg.flat())
-    run = train_parts(cfg, built, features, tokenizer, output, use_bf16, variant, callbacks)
+        if cfg.overwrite:
+            discard_old_checkpoints(output)
+    run = train_parts(cfg, built, features, tokenizer, output, use_bf16, variant, callbacks, eval_features)
+    if is_main_process() and cfg.resume:
+        write_yaml(output / RUN_CONFIG, cfg.flat())
     model = built.model
     if built.router is not None:
         for f in eval_features:
@@ -146,9 +173,28 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] = ()
     return summary, model, tokenizer
 
 
+def label_routes(cfg: TrainConfig, adapter: HydraLoraConfig, examples: list[Example],
+                 features: list[dict[str, Any]], eval_features: list[dict[str, Any]]
+                 ) -> tuple[HydraLoraConfig, ClusterModel | None]:
+    """Give every example the head its label stands for (oracle routing, guide loss): its
+    domain, or its k-means cluster (fitted on the training instructions with k = num_heads)."""
+    k = adapter.num_heads
+    clusters = None
+    if cfg.route_labels_from == "cluster":
+        clusters = ClusterModel.fit([e.instruction for e in examples], k, seed=cfg.seed)
+    names = route_label_names([e.domain for e in examples], cfg.route_labels_from, k)
+    for group in (features, eval_features):
+        attach_route_labels(group, names, clusters)
+    log(f"route labels ({cfg.route_labels_from}): heads stand for {', '.join(names)}")
+    if adapter.routing == "oracle":
+        adapter = dataclasses.replace(adapter, route_labels=names)
+    return adapter, clusters
+
+
 def train_parts(cfg: TrainConfig, built, features: list[dict[str, Any]], tokenizer: Any,
                 output: Path, use_bf16: bool, variant: str,
-                callbacks: Sequence[TrainerCallback]) -> dict[str, Any]:
+                callbacks: Sequence[TrainerCallback],
+                eval_features: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Train every part of the method (one, or one per LoRA-Split cluster) in turn; the run's
     steps are shared by the parts' shares."""
     run: dict[str, Any] = {"steps": 0, "tokens": 0, "seconds": 0.0, "train_loss": 0.0}
@@ -158,7 +204,8 @@ def train_parts(cfg: TrainConfig, built, features: list[dict[str, Any]], tokeniz
         subset = features if part.sources is None else [f for f in features if f["source"] in part.sources]
         steps = cfg.max_steps if cfg.max_steps < 0 or part.share == 1.0 else max(1, round(cfg.max_steps * part.share))
         result = fit(cfg, built.model, subset, tokenizer, output / CHECKPOINTS / part.checkpoint_subdir,
-                     steps, use_bf16, resume=cfg.resume, label=part.label, callbacks=callbacks)
+                     steps, use_bf16, resume=cfg.resume, label=part.label, callbacks=callbacks,
+                     eval_features=eval_features if len(built.parts) == 1 else None)
         built.model = result.pop("model")
         run["steps"] += result["steps"]
         run["tokens"] += result["tokens"]

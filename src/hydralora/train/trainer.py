@@ -23,22 +23,26 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from ..data import Collator, TokenizedDataset
+from ..data import Collator, TokenizedDataset, group_by_domain
 from ..dist import is_main_process, log, world_size
-from ..errors import TrainingError
+from ..errors import ConfigError, TrainingError
 from ..eval.loss import response_nll
 from ..model import (
+    adapter_state_dict,
     balance_loss,
     count_parameters,
+    full_adapter_tensors,
     hydralora_layers,
     load_adapter_weights,
     read_adapter,
     save_adapter,
-    set_token_mask,
+    guide_loss,
+    track_example_gates,
 )
-from ..routing import collect_router_stats, diversity_report, start_router_stats
+from ..routing import collect_router_stats, diversity_report, route_batch, start_router_stats
 from .config import TrainConfig
 from .output import COMPLETE_MARKER, last_checkpoint
+from .sharding import CpuFsdpMixin, is_sharded, like_parameter, release_zero3, unshard_for_inference
 
 
 class NonFiniteLossError(TrainingError):
@@ -60,14 +64,24 @@ class TrainingInterrupted(TrainingError):
         )
 
 
-class HydraTrainer(Trainer):
+class HydraTrainer(CpuFsdpMixin, Trainer):
     """Trainer with HydraLoRA's extra loss, statistics, router lr and adapter-only checkpoints."""
 
-    def __init__(self, *args: Any, router_lr_multiplier: float = 1.0, **kwargs: Any):
+    def __init__(self, *args: Any, router_lr_multiplier: float = 1.0,
+                 domain_eval: dict[str, Any] | None = None, guide_weight: float = 0.0,
+                 guide_schedule: str = "constant", **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.router_lr_multiplier = router_lr_multiplier
+        self.guide_weight, self.guide_schedule = guide_weight, guide_schedule
+        self.domain_eval = domain_eval or {}  # {domain: dataset} logged beside eval_loss
         self.tokens_seen = 0
         self.loss_is_scaled_for_ga = True  # compute_loss normalizes over the accumulation
+
+    def _guide_weight_now(self) -> float:
+        """The guide loss weight at this step: constant, or decaying linearly to 0 ('decay')."""
+        if self.guide_schedule == "constant" or not self.state.max_steps:
+            return self.guide_weight
+        return self.guide_weight * max(0.0, 1.0 - self.state.global_step / self.state.max_steps)
 
     def _bare(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
@@ -97,11 +111,14 @@ class HydraTrainer(Trainer):
         the balance loss; normalized over the whole accumulated (and distributed) batch
         as the Trainer does for models that take num_items_in_batch."""
         bare = self._bare()
-        set_token_mask(bare, inputs["attention_mask"].bool())
-        self.tokens_seen += int(inputs["attention_mask"].sum())
+        route_batch(bare, inputs)  # padding, prompt tokens, oracle labels
+        if model.training:  # a device tensor: no host synchronization per step
+            self.tokens_seen = inputs["attention_mask"].sum() + self.tokens_seen
         nll, _ = response_nll(model, inputs)
-        if num_items_in_batch is None:
-            loss = nll.sum() / max(nll.numel(), 1) / self.current_gradient_accumulation_steps
+        if num_items_in_batch is None:  # evaluation: the batch's mean
+            loss = nll.sum() / max(nll.numel(), 1)
+            if model.training:
+                loss = loss / self.current_gradient_accumulation_steps
         else:
             loss = nll.sum() / num_items_in_batch
             if self.args.average_tokens_across_devices:  # DDP averages; undo it
@@ -111,7 +128,20 @@ class HydraTrainer(Trainer):
         aux = balance_loss(bare)
         if aux is not None and model.training:
             loss = loss + aux / self.current_gradient_accumulation_steps
-        return (loss, None) if return_outputs else loss
+        if self.guide_weight > 0 and model.training and "route_labels" in inputs:
+            guide = guide_loss(bare, inputs["route_labels"])
+            if guide is not None:
+                loss = loss + self._guide_weight_now() * guide / self.current_gradient_accumulation_steps
+        return (loss, {}) if return_outputs else loss  # no logits kept: evaluation reads the loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """The Trainer's held-out loss (eval_loss); during training also each domain's
+        (eval_<domain>_loss) when the held-out set has more than one."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if eval_dataset is None and len(self.domain_eval) > 1:
+            for name, dataset in self.domain_eval.items():
+                metrics.update(super().evaluate(dataset, ignore_keys, f"{metric_key_prefix}_{name}"))
+        return metrics
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self._is_hydra():
@@ -122,14 +152,32 @@ class HydraTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self._is_hydra():
             return super()._save(output_dir, state_dict)
-        if self.args.should_save:
+        if self.is_deepspeed_enabled and state_dict:  # the engine's gathered weights (ZeRO-3 too)
+            keys = adapter_state_dict(self._bare())
+            if self.args.should_save and keys.keys() <= state_dict.keys():
+                tensors = {k: state_dict[k].detach().float().contiguous().cpu() for k in keys}
+                save_adapter(self._bare(), output_dir or self.args.output_dir, tensors=tensors)
+        elif is_sharded(self._bare()):  # every process gathers, the first one writes
+            tensors = full_adapter_tensors(self._bare())
+            if self.args.should_save:
+                save_adapter(self._bare(), output_dir or self.args.output_dir, tensors=tensors)
+        elif self.args.should_save:
             save_adapter(self._bare(), output_dir or self.args.output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None):
         if not self._is_hydra():
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         _, tensors = read_adapter(resume_from_checkpoint)
+        params = adapter_state_dict(self._bare())  # sharded ones get the saved tensor's shards
+        tensors = {k: like_parameter(params[k], t) if k in params else t for k, t in tensors.items()}
         load_adapter_weights(self._bare(), tensors, source=resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:  # load_best_model_at_end: the best checkpoint's adapter
+        if not self._is_hydra():
+            return super()._load_best_model()
+        log(f"loading the best checkpoint {self.state.best_model_checkpoint} "
+            f"({self.args.metric_for_best_model} {self.state.best_metric})")
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
@@ -172,7 +220,8 @@ class InterruptCallback(TrainerCallback):
 
 def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, max_steps: int, use_bf16: bool,
                        device: torch.device) -> TrainingArguments:
-    return TrainingArguments(
+    """The run's TrainingArguments: train's own options, then `cfg.trainer_args` over them."""
+    values = dict(
         output_dir=str(checkpoint_dir),
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -198,7 +247,16 @@ def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, max_steps: int, u
         disable_tqdm=not is_main_process(),
         log_level="warning",
         label_names=["labels"],
+        prediction_loss_only=True,  # evaluation: the held-out loss (compute_loss keeps no logits)
     )
+    values.update(cfg.trainer_args)
+    if values.get("eval_strategy", "no") != "no" and "per_device_eval_batch_size" not in cfg.trainer_args:
+        values["per_device_eval_batch_size"] = cfg.batch_size
+    try:
+        return TrainingArguments(**values)
+    except (ValueError, TypeError, OSError) as err:  # a value the Trainer refuses
+        message = " ".join(str(err).split())
+        raise ConfigError(f"trainer arguments {sorted(cfg.trainer_args)}: {message}") from None
 
 
 def fit(
@@ -212,9 +270,12 @@ def fit(
     resume: bool = False,
     label: str | None = None,
     callbacks: Sequence[TrainerCallback] = (),
+    eval_features: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Train `model` (adapter already attached) on `features` with the Trainer; returns the
-    unwrapped model and the run's numbers. `callbacks` are added to the Trainer's. Raises
+    unwrapped model and the run's numbers. `callbacks` are added to the Trainer's.
+    `eval_features` (the held-out set) is the Trainer's eval dataset, used when
+    `--trainer-arg eval_strategy=steps|epoch` asks for evaluation. Raises
     TrainingInterrupted after Ctrl-C."""
     trainable, total = count_parameters(model)
     if label:
@@ -224,32 +285,48 @@ def fit(
         model.enable_input_require_grads()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     interrupt = InterruptCallback()
+    args = training_arguments(cfg, checkpoint_dir, max_steps, use_bf16, device)
+    if args.eval_strategy != "no" and not eval_features:
+        raise ConfigError(f"trainer argument eval_strategy={args.eval_strategy.value} needs a "
+                          "held-out set: give --eval-data FILE [FILE ...] (or --eval-data builtin)")
+    domains = group_by_domain(eval_features or [])
     trainer = HydraTrainer(
         model=model,
-        args=training_arguments(cfg, checkpoint_dir, max_steps, use_bf16, device),
+        args=args,
         train_dataset=TokenizedDataset(features),
+        eval_dataset=TokenizedDataset(eval_features) if eval_features else None,
         data_collator=Collator(tokenizer.pad_token_id),
         callbacks=[interrupt, *callbacks],
         router_lr_multiplier=cfg.router_lr_multiplier,
+        domain_eval={d: TokenizedDataset(f) for d, f in domains.items()},
+        guide_weight=cfg.guide_loss_weight,
+        guide_schedule=cfg.guide_schedule,
     )
     if hydralora_layers(model):
         start_router_stats(model)
+        track_example_gates(model, cfg.guide_loss_weight > 0)
     resume_from = None
     if resume:
         resume_from = str(last_checkpoint(checkpoint_dir.parent))
         log(f"resuming from {resume_from}")
+    trainer.shard_for_cpu()
     t0 = time.time()
     outcome = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.time() - t0
+    bare = trainer.accelerator.unwrap_model(trainer.model)
+    if is_sharded(bare):  # FSDP: gathered, so rank 0 alone can evaluate and save
+        unshard_for_inference(bare)
+    elif trainer.is_deepspeed_enabled and trainer.accelerator.deepspeed_config["zero_optimization"].get("stage") == 3:
+        release_zero3(trainer.model_wrapped, bare)  # likewise for ZeRO-3's partitioned weights
     if interrupt.interrupted_at is not None:
         raise TrainingInterrupted(interrupt.interrupted_at, last_checkpoint(checkpoint_dir.parent))
-    bare = trainer.accelerator.unwrap_model(trainer.model)
-    set_token_mask(bare, None)  # the last batch's mask must not apply to later forwards
+    route_batch(bare, None)  # the last batch's masks must not apply to later forwards
+    track_example_gates(bare, False)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return {
         "model": bare,
         "steps": trainer.state.global_step,
-        "tokens": trainer.tokens_seen,
+        "tokens": int(trainer.tokens_seen),
         "seconds": seconds,
         "final_loss": losses[-1] if losses else outcome.training_loss,
         "train_loss": outcome.training_loss,

@@ -13,17 +13,18 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "hydralora"
 LAYERS = [
-    ["errors", "files", "dist", "options"],  # support: stdlib, yaml
+    ["errors", "files", "dist", "options", "hub"],  # support: stdlib, yaml, huggingface_hub
     ["config"],  # core: HydraLoraConfig
     ["router"],  # core: gates, router losses and statistics
     ["layer"],  # core: the math
     ["model", "__init__"],  # core: inject/remove/save/load; the public API
     ["data", "data.records", "data.tokenize", "data.builtin", "base_models"],
     ["routing", "cluster_model", "clustering"],
-    ["eval", "eval.loss", "eval.generation", "eval.sandbox", "eval._guard", "eval.metrics"],
+    ["eval", "eval.loss", "eval.generation", "eval.sandbox", "eval._guard", "eval.metrics", "gates"],
     ["methods", "methods.base", "methods.hydralora", "methods.peft_lora", "methods.lora_split"],
     ["eval.run", "train", "train.config", "train.output", "train.trainer", "train.run",
-     "train.per_domain", "train.sharding", "analysis", "export", "info"],
+     "train.per_domain", "train.sharding", "analysis", "routed", "export", "info",
+     "integrations", "integrations.trl", "integrations.lm_eval"],  # optional: trl, lm_eval
     ["demo"],
     ["cli", "__main__"],
 ]

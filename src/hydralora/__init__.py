@@ -1,5 +1,11 @@
 """HydraLoRA: one shared A, k B heads and a per-token router, for Hugging Face models."""
 
+import logging
+
+# bitsandbytes (imported by PEFT when installed) warns on every import on CPUs with AVX512-BF16
+# that an optional kernel package is missing; its own fallback works, so keep the CLI quiet.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 from .config import HydraLoraConfig
 from .errors import AdapterError, ConfigError, UserError
 from .layer import HydraLoraLinear

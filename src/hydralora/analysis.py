@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from safetensors.torch import load_file
 from sklearn.decomposition import PCA
 
-from .base_models import DEFAULT_MODEL
+from .base_models import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MODEL, check_placement
 from .data import DEFAULT_MAX_LENGTH, load_examples, tokenize_examples
 from .errors import ConfigError
 from .methods import adapter_kind, load_model_with_adapter
@@ -60,10 +60,15 @@ class AnalyzeOptions:
     """Seed of the per-domain LoRAs (one seed: they start from the same A)."""
     max_length: int = DEFAULT_MAX_LENGTH
     """Tokens per example."""
+    device: str = DEFAULT_DEVICE
+    """Where the model runs: auto (the GPU when there is one), cpu, cuda or cuda:N."""
+    dtype: str = DEFAULT_DTYPE
+    """Dtype of the base weights: auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or float16."""
 
     def __post_init__(self) -> None:
         check_ranges(self, {"per_domain_steps": ">=0", "batch_size": ">=1", "lr": ">0", "seed": ">=0",
                             "max_length": ">=1"})
+        check_placement(self.device, self.dtype)
 
     def domain_loras(self) -> dict[str, str] | None:
         if not self.domain_lora:
@@ -191,7 +196,7 @@ def run_analyze(opts: AnalyzeOptions, data: list[str],
         raise ConfigError(f"{opts.adapter}: analyze takes a HydraLoRA adapter (it studies the router)")
     out = Path(opts.output)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model_with_adapter(opts.model, opts.adapter)
+    model, tokenizer = load_model_with_adapter(opts.model, opts.adapter, dtype=opts.dtype, device=opts.device)
     features, _ = tokenize_examples(load_examples(data), tokenizer, opts.max_length, skip_overlong=True)
     if not any(f.get("domain") for f in features):
         print("note: the examples carry no 'domain' field; all are treated as one domain")

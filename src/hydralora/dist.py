@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
+
+from tqdm import tqdm
 
 
 def world_size() -> int:
@@ -21,3 +24,14 @@ def log(message: str) -> None:
     """Print a progress line from the main process only."""
     if is_main_process():
         print(f"[hydralora] {message}", flush=True)
+
+
+def progress(iterable, desc: str, total: int | None = None, unit: str = "it"):
+    """`iterable` with a tqdm progress bar on stderr, shown only in the main process and only
+    when stderr is a terminal (never in logs, pipes or the stdout that scripts parse)."""
+    try:
+        tty = sys.stderr.isatty()
+    except (AttributeError, ValueError):  # a closed or replaced stderr
+        tty = False
+    return tqdm(iterable, desc=desc, total=total, unit=unit, file=sys.stderr, leave=False,
+                disable=not (tty and is_main_process()), dynamic_ncols=True)

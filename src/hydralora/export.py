@@ -26,15 +26,24 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from .base_models import DEFAULT_MODEL
-from .data import DEFAULT_MAX_LENGTH, group_by_domain, load_examples, tokenize_examples
+from .base_models import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MODEL, QUANTIZE_MODES, check_placement
+from .data import DEFAULT_MAX_LENGTH, load_examples, tokenize_examples
 from .errors import ConfigError
 from .eval.loss import domain_losses
-from .files import check_output_dir, read_json_object, staged_dir
+from .files import check_output_dir, staged_dir
+from .gates import (  # noqa: F401  (the gate helpers are part of this module's interface)
+    check_gate_vector,
+    gates_from_file,
+    mean_gates,
+    merge_fixed,
+    resolve_gates,
+    unmerge_all,
+)
 from .methods import adapter_kind, load_model_with_adapter
+from .methods.lora_split import load as load_routed
 from .model import hydralora_layers, remove_hydralora
 from .options import check_ranges
-from .routing import gate_statistics
+from .routed import GROUPINGS, export_routed, group_examples, per_group_gates
 
 FORMATS = ("peft-lora", "merged")
 
@@ -52,91 +61,24 @@ class ExportOptions:
     format: str = field(default="peft-lora", metadata={"choices": FORMATS})
     """peft-lora (a PEFT LoRA directory) or merged (a full transformers model)."""
     gates: str = "uniform"
-    """uniform | mean | domain=NAME (both need --data) | a JSON file {layer: [g...]}."""
+    """uniform | mean | domain=NAME | a JSON file {layer: [g...]}; or per-domain | per-cluster:
+    one PEFT LoRA per group of --data plus a request router (for vLLM's multi-LoRA)."""
     data: list[str] | None = None
     """Calibration / held-out file(s)."""
     overwrite: bool = False
     """Allow replacing a non-empty --output."""
     max_length: int = DEFAULT_MAX_LENGTH
     """Tokens per calibration example."""
+    device: str = DEFAULT_DEVICE
+    """Where the calibration runs: auto (the GPU when there is one), cpu, cuda or cuda:N."""
+    dtype: str = DEFAULT_DTYPE
+    """Dtype of the base weights (and of a merged export): auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or float16."""
+    quantize: str = field(default="none", metadata={"choices": QUANTIZE_MODES})
+    """Calibrate on a bitsandbytes-quantized base: none, 4bit or 8bit (peft-lora format only)."""
 
     def __post_init__(self) -> None:
         check_ranges(self, {"max_length": ">=1"})
-
-
-def gates_from_file(path: str | Path, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """Read and validate a gates JSON file; every problem is reported with the key."""
-    path = Path(path)
-    try:
-        data = read_json_object(path)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such gates file") from None
-    unknown = sorted(set(data) - set(layers) - {"*"})
-    if unknown:
-        raise ConfigError(f"{path}: unknown layer(s) {unknown[:5]}; layers are e.g. {sorted(layers)[:3]}")
-    gates = {}
-    for name, layer in layers.items():
-        if name not in data and "*" not in data:
-            raise ConfigError(f"{path}: no gates for layer {name!r} (add it or a '*' entry)")
-        key = name if name in data else "*"
-        gates[name] = check_gate_vector(data[key], layer.num_heads, f"{path}: {key!r}")
-    return gates
-
-
-def check_gate_vector(values: Any, k: int, where: str) -> torch.Tensor:
-    if not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values):
-        raise ConfigError(f"{where}: gates must be a list of {k} numbers")
-    g = torch.tensor(values, dtype=torch.float32)
-    if g.numel() != k:
-        raise ConfigError(f"{where}: {g.numel()} gate values for {k} heads")
-    if not torch.isfinite(g).all() or (g < 0).any():
-        raise ConfigError(f"{where}: gates must be finite and non-negative, got {values}")
-    if abs(float(g.sum()) - 1.0) > 1e-3:
-        raise ConfigError(f"{where}: gates must sum to 1 (as the router's do), they sum to {float(g.sum()):.4f}")
-    return g
-
-
-def mean_gates(model: nn.Module, features: list[dict[str, Any]], pad_token_id: int,
-               batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """Per layer, the router's mean gate vector over the real tokens of `features`."""
-    if not features:
-        raise ConfigError("no examples to average the gates over (check --data and the domain name)")
-    stats = gate_statistics(model, features, pad_token_id, batch_size)
-    return {name: torch.tensor(s["mean_gate"], dtype=torch.float32) for name, s in stats.items()}
-
-
-def resolve_gates(model: nn.Module, spec: str, features: list[dict[str, Any]] | None = None,
-                  pad_token_id: int = 0) -> dict[str, torch.Tensor]:
-    """Fixed gates for every layer from a spec: uniform, mean, domain=NAME or a JSON file."""
-    layers = hydralora_layers(model)
-    if spec == "uniform":
-        return {n: torch.full((l.num_heads,), 1.0 / l.num_heads) for n, l in layers.items()}
-    if spec == "mean" or spec.startswith("domain="):
-        if features is None:
-            raise ConfigError(f"--gates {spec} needs a calibration file: give --data FILE")
-        if spec.startswith("domain="):
-            domain = spec.split("=", 1)[1]
-            groups = group_by_domain(features)
-            if domain not in groups:
-                raise ConfigError(f"--gates {spec}: no examples of domain {domain!r} in --data "
-                                  f"(domains there: {', '.join(sorted(groups))})")
-            features = groups[domain]
-        gates = mean_gates(model, features, pad_token_id)
-        for name, layer in layers.items():  # layers without a router have fixed gates already
-            gates.setdefault(name, torch.full((layer.num_heads,), 1.0 / layer.num_heads))
-        return gates
-    return gates_from_file(spec, layers)
-
-
-def merge_fixed(model: nn.Module, gates: dict[str, torch.Tensor]) -> None:
-    for name, layer in hydralora_layers(model).items():
-        layer.merge(gates[name])
-
-
-def unmerge_all(model: nn.Module) -> None:
-    for layer in hydralora_layers(model).values():
-        if layer.merged:
-            layer.unmerge()
+        check_placement(self.device, self.dtype, self.quantize)
 
 
 def export_peft_lora(model: nn.Module, gates: dict[str, torch.Tensor], output: str | Path,
@@ -197,19 +139,30 @@ def run_export(opts: ExportOptions) -> dict:
         raise ConfigError(f"--format {opts.format!r}: choose one of {', '.join(FORMATS)}")
     if adapter_kind(opts.adapter) != "hydralora":
         raise ConfigError(f"{opts.adapter}: export takes a HydraLoRA adapter (PEFT adapters need no export)")
+    if opts.gates in GROUPINGS and (opts.format != "peft-lora" or not opts.data):
+        raise ConfigError(f"--gates {opts.gates} writes one PEFT LoRA per group of --data: give "
+                          "--data FILE and --format peft-lora")
     output = Path(opts.output)
     base = Path(opts.model)
     if base.is_dir() and output.exists() and output.resolve() == base.resolve():
         raise ConfigError(f"--output {output} is the base model's own folder; write the export elsewhere")
+    if opts.quantize != "none" and opts.format == "merged":
+        raise ConfigError(f"--format merged cannot fold the adapter into a --quantize {opts.quantize} "
+                          "base: drop --quantize (or export --format peft-lora)")
     check_output_dir(output, opts.overwrite, keep=Path(opts.adapter))
-    model, tokenizer = load_model_with_adapter(opts.model, opts.adapter)
+    model, tokenizer = load_model_with_adapter(opts.model, opts.adapter, dtype=opts.dtype,
+                                               device=opts.device, quantize=opts.quantize)
     features = None
     if opts.data:
         features, _ = tokenize_examples(load_examples(opts.data), tokenizer, opts.max_length,
                                         skip_overlong=True)
+    if opts.gates in GROUPINGS:
+        return export_per_group(opts, model, tokenizer.pad_token_id, features, output)
     gates = resolve_gates(model, opts.gates, features, tokenizer.pad_token_id)
     report: dict[str, Any] = {"format": opts.format, "gates": opts.gates, "source_adapter": str(opts.adapter)}
-    if features:
+    if features and opts.quantize != "none":
+        print("note: the held-out loss of the fixed gates needs merging, which a quantized base cannot do")
+    elif features:
         dynamic = domain_losses(model, features, tokenizer.pad_token_id)
         merge_fixed(model, gates)
         fixed = domain_losses(model, features, tokenizer.pad_token_id)
@@ -226,4 +179,44 @@ def run_export(opts: ExportOptions) -> dict:
     else:
         export_merged(model, gates, tokenizer, output, overwrite=opts.overwrite, report=report)
     print(f"wrote {opts.format} export to {output}")
+    return report
+
+
+def export_per_group(opts: ExportOptions, model: nn.Module, pad_token_id: int,
+                     features: list[dict[str, Any]], output: Path) -> dict:
+    """`--gates per-domain|per-cluster`: one PEFT LoRA per group and a request router (see
+    `routed`); reports the held-out loss of dynamic routing, of the per-request adapters (each
+    example sent by the router) and of one uniform export, on --data."""
+    names, groups, router = group_examples(features, opts.gates, model.hydralora_config.num_heads)
+    gates = per_group_gates(model, groups, pad_token_id)
+    dynamic = domain_losses(model, features, pad_token_id)
+    merge_fixed(model, resolve_gates(model, "uniform"))
+    uniform = domain_losses(model, features, pad_token_id)
+    unmerge_all(model)
+    report: dict[str, Any] = {"format": "peft-lora", "gates": opts.gates, "groups": names,
+                              "group_sizes": [len(g) for g in groups],
+                              "source_adapter": str(opts.adapter), "dynamic": dynamic, "uniform": uniform}
+    export_routed(model, names, gates, router, output, opts.model,
+                  f"hydralora export --gates {opts.gates}", opts.overwrite, report)
+    routed, request_router = load_routed(model, output)  # the written folder, as a server sees it
+    sent = request_router.route([f["instruction"] for f in features])
+    report["per_request"] = domain_losses(routed, [{**f, "adapter_name": n} for f, n in zip(features, sent)],
+                                          pad_token_id)
+    if opts.gates == "per-domain":
+        right = [n == names[sorted({g["domain"] for g in features}).index(f["domain"])]
+                 for f, n in zip(features, sent)]
+        report["router_accuracy"] = sum(right) / len(right)
+    with open(output / "hydralora_export.json") as f:
+        saved = json.load(f)
+    with open(output / "hydralora_export.json", "w") as f:
+        json.dump({**saved, **report}, f, indent=1)
+    print(f"held-out loss on --data (dynamic routing | per-request adapters, --gates {opts.gates} "
+          "| one uniform export):")
+    for domain in dynamic:
+        print(f"  {domain:>10}: {dynamic[domain]['loss']:.4f} | "
+              f"{report['per_request'][domain]['loss']:.4f} | {uniform[domain]['loss']:.4f}")
+    if "router_accuracy" in report:
+        print(f"the request router sends {100 * report['router_accuracy']:.1f}% of the examples to "
+              "their own domain's adapter")
+    print(f"wrote {len(names)} PEFT LoRAs ({', '.join(names)}) and the request router to {output}")
     return report

@@ -69,8 +69,9 @@ class HydraLoraLinear(nn.Module):
         self.config = config
         self.fan_in_fan_out = not isinstance(base, nn.Linear)  # Conv1D stores W as (in, out)
         w = base.weight
+        # nn.Linear's own sizes: bitsandbytes Linear4bit/Linear8bitLt subclass it with packed weights
         self.in_features, self.out_features = (
-            (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+            (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (base.in_features, base.out_features)
         )
         k, r = config.num_heads, config.r
         self.num_heads, self.r, self.scaling = k, r, config.scaling
@@ -255,6 +256,9 @@ class HydraLoraLinear(nn.Module):
         """
         if self.merged_gates is not None:
             raise RuntimeError("this HydraLoraLinear is already merged; call unmerge() first")
+        if not self.base.weight.dtype.is_floating_point:  # bitsandbytes 4-bit / 8-bit packed
+            raise ConfigError("cannot merge into a quantized base (--quantize): load the base "
+                              "unquantized to merge, or export --format peft-lora")
         g = self._check_gates(gates)
         weight = self.base.weight
         self._original_weight = weight.detach().clone()

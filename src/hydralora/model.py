@@ -24,6 +24,7 @@ from torch import nn
 from .config import FORMAT_VERSION, HydraLoraConfig
 from .errors import AdapterError, ConfigError
 from .files import atomic_write
+from .hub import resolve_adapter
 from .layer import SUPPORTED_BASE_TYPES, HydraLoraLinear
 from .router import guide_loss as router_guide_loss
 
@@ -38,6 +39,25 @@ def package_version() -> str:
         return version("hydralora")
     except PackageNotFoundError:  # running from a source tree that was not installed
         return "unknown"
+
+
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer except the output head
+
+
+def is_all_linear(targets: list[str] | str) -> bool:
+    """`targets` is PEFT's 'all-linear' (as a string or a one-item list)."""
+    return [t.lower() for t in ([targets] if isinstance(targets, str) else targets)] == [ALL_LINEAR]
+
+
+def all_linear_names(model: nn.Module) -> list[str]:
+    """What 'all-linear' selects, as PEFT resolves it: every linear layer (nn.Linear or
+    transformers' Conv1D) except the output embedding (the LM head) and the layers inside
+    existing adapters."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inner = {f"{n}.{s}" for n, m in model.named_modules() if isinstance(m, HydraLoraLinear)
+             for s, _ in m.named_modules() if s}
+    return [n for n, m in model.named_modules()
+            if n and isinstance(m, SUPPORTED_BASE_TYPES) and m is not head and n not in inner]
 
 
 def target_matches(name: str, targets: list[str] | str) -> bool:
@@ -66,8 +86,13 @@ def _short_list(names: list[str], limit: int = 12) -> str:
 
 def find_targets(model: nn.Module, targets: list[str] | str) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs that `targets` selects; an error if none, or if any is not a
-    linear layer (the message lists the linear layers that exist)."""
-    matched = [(n, m) for n, m in model.named_modules() if n and target_matches(n, targets)]
+    linear layer (the message lists the linear layers that exist). 'all-linear' selects every
+    linear layer but the output head, as PEFT does."""
+    if is_all_linear(targets):
+        names = set(all_linear_names(model))
+        matched = [(n, m) for n, m in model.named_modules() if n in names]
+    else:
+        matched = [(n, m) for n, m in model.named_modules() if n and target_matches(n, targets)]
     if not matched:
         raise ConfigError(
             f"target_modules={targets!r} matched no module. Linear layers in this model: "
@@ -99,7 +124,8 @@ def add_hydralora(model: nn.Module, config: HydraLoraConfig) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     for name, module in matched:
-        smallest = min(module.weight.shape)
+        linear = isinstance(module, nn.Linear)  # a bitsandbytes weight is packed: use the sizes
+        smallest = min(module.in_features, module.out_features) if linear else min(module.weight.shape)
         if config.r > smallest:
             warnings.warn(
                 f"{name}: r={config.r} exceeds the layer's smaller dimension {smallest}; "
@@ -313,7 +339,9 @@ def load_adapter(
 
     Every key and shape is checked and all mismatches are reported at once; on any error the
     model is given back untouched. Returns the model (in eval mode unless `is_trainable`).
+    `path`: a folder, or a hub id (owner/name[@revision]) fetched with huggingface_hub.
     """
+    path = resolve_adapter(path)
     config, tensors = read_adapter(path)
     saved_base = json.loads((Path(path) / CONFIG_NAME).read_text()).get("base_model_name_or_path")
     add_hydralora(model, config)

@@ -19,6 +19,7 @@ from torch import nn
 
 from .cluster_model import ClusterModel
 from .data import IGNORE_INDEX, Collator, group_by_domain
+from .dist import progress
 from .errors import DataError
 from .model import hydralora_layers, set_forced_gates, set_prompt_mask, set_token_mask
 from .router import RouterStats
@@ -92,7 +93,7 @@ def gate_statistics(model: nn.Module, features: list[dict[str, Any]], pad_token_
     collate = Collator(pad_token_id)
     device = next(model.parameters()).device
     try:
-        for i in range(0, len(features), batch_size):
+        for i in progress(range(0, len(features), batch_size), "router statistics", unit="batch"):
             batch = {k: v.to(device) if torch.is_tensor(v) else v
                      for k, v in collate(features[i : i + batch_size]).items()}
             route_batch(model, batch)

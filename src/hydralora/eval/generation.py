@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..data import bos_ids, render_prompt
+from ..dist import progress
 from ..model import set_prompt_mask
 
 
@@ -33,7 +34,7 @@ def generate(
     answers: list[str] = [""] * len(texts)
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     try:
-        for start in range(0, len(order), batch_size):
+        for start in progress(range(0, len(order), batch_size), "generating", unit="batch"):
             idx = order[start : start + batch_size]
             enc = tokenizer(
                 [texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False

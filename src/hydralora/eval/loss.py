@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import IGNORE_INDEX, Collator
+from ..dist import progress
 from ..routing import route_batch
 
 
@@ -67,7 +68,7 @@ def domain_losses(
     examples: dict[str, int] = defaultdict(int)
     # longest first so padding waste is small and memory peaks early
     order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
-    for start in range(0, len(order), batch_size):
+    for start in progress(range(0, len(order), batch_size), "held-out loss", unit="batch"):
         chunk = [features[i] for i in order[start : start + batch_size]]
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(chunk).items()}
         route_batch(model, batch)  # padding, prompt and oracle labels for the HydraLoRA layers

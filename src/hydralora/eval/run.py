@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..base_models import DEFAULT_DTYPE, DEFAULT_MODEL
+from ..base_models import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MODEL, QUANTIZE_MODES, check_placement
 from ..data import DEFAULT_MAX_LENGTH, Example, load_examples, tokenize_examples
 from ..data.builtin import BUILTIN, resolve_builtin
 from ..errors import ConfigError
@@ -47,11 +47,16 @@ class EvalOptions:
     generate: bool = True
     """Task metrics by generation (--no-generate: losses only)."""
     dtype: str = DEFAULT_DTYPE
-    """Dtype of the base weights: float32, bfloat16, float16 or auto."""
+    """Dtype of the base weights: auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or float16."""
+    device: str = DEFAULT_DEVICE
+    """Where the model runs: auto (the GPU when there is one), cpu, cuda or cuda:N."""
+    quantize: str = field(default="none", metadata={"choices": QUANTIZE_MODES})
+    """Load the base quantized by bitsandbytes: none, 4bit (nf4, as QLoRA) or 8bit."""
 
     def __post_init__(self) -> None:
         check_ranges(self, {"batch_size": ">=1", "max_length": ">=1", "max_new_tokens": "?>=1",
                             "limit": "?>=1"})
+        check_placement(self.device, self.dtype, self.quantize)
 
 
 @dataclass
@@ -71,10 +76,15 @@ class GenerateOptions:
     temperature: float = 0.7
     """Sampling temperature (with --sample)."""
     dtype: str = DEFAULT_DTYPE
-    """Dtype of the base weights: float32, bfloat16, float16 or auto."""
+    """Dtype of the base weights: auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or float16."""
+    device: str = DEFAULT_DEVICE
+    """Where the model runs: auto (the GPU when there is one), cpu, cuda or cuda:N."""
+    quantize: str = field(default="none", metadata={"choices": QUANTIZE_MODES})
+    """Load the base quantized by bitsandbytes: none, 4bit (nf4, as QLoRA) or 8bit."""
 
     def __post_init__(self) -> None:
         check_ranges(self, {"max_new_tokens": ">=1", "temperature": ">0"})
+        check_placement(self.device, self.dtype, self.quantize)
 
 
 def limit_per_domain(examples: list[Example], limit: int) -> list[Example]:
@@ -103,7 +113,8 @@ def run_eval(opts: EvalOptions, name: str | None = None) -> dict[str, Any]:
     if opts.limit:
         examples = limit_per_domain(examples, opts.limit)
     model, tokenizer, router = load_model_with_adapter(opts.model, opts.adapter, dtype=opts.dtype,
-                                                       with_router=True)
+                                                       with_router=True, device=opts.device,
+                                                       quantize=opts.quantize)
     features, _ = tokenize_examples(examples, tokenizer, opts.max_length, skip_overlong=True)
     oracle = oracle_labeler(model, Path(opts.adapter)) if opts.adapter else None
     if oracle is not None:  # a diagnostic adapter: the gates come from each example's label
@@ -134,7 +145,8 @@ def run_eval(opts: EvalOptions, name: str | None = None) -> dict[str, Any]:
 def run_generate(opts: GenerateOptions) -> list[str]:
     """Print (and return) the answer to every prompt."""
     model, tokenizer, router = load_model_with_adapter(opts.model, opts.adapter, dtype=opts.dtype,
-                                                       with_router=True)
+                                                       with_router=True, device=opts.device,
+                                                       quantize=opts.quantize)
     conversations = [[{"role": "user", "content": p}] for p in opts.prompt]
     names = router.route(opts.prompt) if router else None
     answers = generate(model, tokenizer, conversations, max_new_tokens=opts.max_new_tokens,

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..base_models import DEFAULT_DTYPE, load_model
 from ..errors import AdapterError, ConfigError
+from ..hub import resolve_adapter
 from ..model import CONFIG_NAME
 from . import hydralora, lora_split, peft_lora
 from .base import Built, Method, PromptRouter, TrainPart
@@ -34,8 +35,9 @@ def get_method(name: str) -> Method:
 
 
 def adapter_kind(path: str | os.PathLike) -> str:
-    """The method that wrote an adapter folder: 'hydralora', 'lora' (PEFT) or 'lora-split'."""
-    path = Path(path)
+    """The method that wrote an adapter folder: 'hydralora', 'lora' (PEFT) or 'lora-split'
+    (a hub id is fetched first)."""
+    path = resolve_adapter(path)
     if not path.is_dir():
         raise AdapterError(f"{path}: no such adapter directory")
     if (path / lora_split.SPLIT_FILE).exists():
@@ -55,7 +57,7 @@ def adapter_kind(path: str | os.PathLike) -> str:
 def describe(path: str | os.PathLike) -> dict:
     """What `hydralora info` shows: the folder's method and its facts."""
     kind = adapter_kind(path)
-    return {"path": str(path), "kind": kind, **METHODS[kind].describe(Path(path))}
+    return {"path": str(path), "kind": kind, **METHODS[kind].describe(resolve_adapter(path))}
 
 
 def format_description(info: dict) -> str:
@@ -68,12 +70,17 @@ def load_model_with_adapter(
     dtype: str | torch.dtype | None = DEFAULT_DTYPE,
     trust_remote_code: bool = False,
     with_router: bool = False,
+    device: str | torch.device | None = None,
+    quantize: str | None = None,
 ):
     """(model, tokenizer) with a HydraLoRA, PEFT LoRA or LoRA-Split adapter applied when one is
     given; with `with_router`, (model, tokenizer, router) where router routes prompts to
-    LoRA-Split adapters (None for the other kinds)."""
+    LoRA-Split adapters (None for the other kinds). `device`, `quantize`: as load_model (the
+    adapter is created on the base layers' device, in float32)."""
+    adapter = resolve_adapter(adapter) if adapter else None  # a hub id: its local snapshot
     kind = adapter_kind(adapter) if adapter else None  # check before the slow model load
-    model, tokenizer = load_model(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model, tokenizer = load_model(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                  device=device, quantize=quantize)
     router = None
     if kind is not None:
         model, router = METHODS[kind].load(model, Path(adapter))

@@ -53,17 +53,25 @@ def adapter_name(i: int) -> str:
 
 
 class SplitRouter:
-    """Routes prompts to the adapter of their nearest TF-IDF centroid."""
+    """Routes prompts to the adapter of their nearest TF-IDF centroid (centroid i serves the
+    adapter names[i]: cluster_<i> unless the folder names them, as per-domain exports do)."""
 
-    def __init__(self, cluster_model: ClusterModel):
+    def __init__(self, cluster_model: ClusterModel, names: list[str] | None = None):
         self.cluster_model = cluster_model
+        self.names = names or [adapter_name(i) for i in range(cluster_model.k)]
 
     def route(self, instructions: list[str]) -> list[str]:
-        return [adapter_name(c) for c in self.cluster_model.predict(instructions)]
+        return [self.names[c] for c in self.cluster_model.predict(instructions)]
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SplitRouter:
-        return cls(ClusterModel.load(path))
+        names = None
+        if (Path(path) / SPLIT_FILE).exists():
+            try:
+                names = json.loads((Path(path) / SPLIT_FILE).read_text()).get("adapters")
+            except (OSError, json.JSONDecodeError, AttributeError):
+                names = None
+        return cls(ClusterModel.load(path), names)
 
 
 def build(model: nn.Module, adapter: HydraLoraConfig, seed: int, examples: list[Example],

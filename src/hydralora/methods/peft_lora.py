@@ -14,13 +14,14 @@ from torch import nn
 from ..config import HydraLoraConfig
 from ..data import Example
 from ..files import read_manifest, temporary_dir
-from ..model import CONFIG_NAME
+from ..model import ALL_LINEAR, CONFIG_NAME, is_all_linear
 from .base import Built, Method, one_part
 
 
 def lora_config(adapter: HydraLoraConfig, r: int | None = None) -> LoraConfig:
+    targets = ALL_LINEAR if is_all_linear(adapter.target_modules) else adapter.target_modules
     return LoraConfig(r=r or adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
-                      target_modules=adapter.target_modules, task_type="CAUSAL_LM")
+                      target_modules=targets, task_type="CAUSAL_LM")
 
 
 def build(model: nn.Module, adapter: HydraLoraConfig, seed: int, examples: list[Example],

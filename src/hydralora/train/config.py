@@ -12,7 +12,7 @@ import torch
 from transformers import TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
-from ..base_models import DEFAULT_DTYPE, DEFAULT_MODEL
+from ..base_models import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MODEL, QUANTIZE_MODES, check_placement
 from ..clustering import K_MAX
 from ..config import TRAIN_ADAPTER_DEFAULTS, HydraLoraConfig
 from ..data import DEFAULT_MAX_LENGTH
@@ -79,7 +79,11 @@ class TrainConfig:
     bf16: str = "auto"
     """bf16 autocast: auto (on when the processor supports it), true or false."""
     dtype: str = DEFAULT_DTYPE
-    """Dtype of the base weights: float32, bfloat16, float16 or auto."""
+    """Dtype of the base weights: auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or float16."""
+    device: str = DEFAULT_DEVICE
+    """auto (the GPU when there is one; each torchrun process its own), cpu, or cuda (pick the GPU with CUDA_VISIBLE_DEVICES)."""
+    quantize: str = field(default="none", metadata={"choices": QUANTIZE_MODES})
+    """QLoRA: load the base quantized by bitsandbytes, 4bit (nf4, double quantization) or 8bit; none = full precision."""
     logging_steps: int = 10
     """Log loss, router statistics and head diversity every N steps."""
     save_steps: int = 100
@@ -154,6 +158,10 @@ class TrainConfig:
         if self.lr_scheduler not in schedulers:
             raise ConfigError(f"--lr-scheduler {short(self.lr_scheduler)}: choose one of {', '.join(schedulers)}")
         check_trainer_args(self.trainer_args)
+        if self.device.startswith("cuda:"):
+            raise ConfigError(f"--device {self.device}: train places each process on its GPU itself; "
+                              "choose the GPU with CUDA_VISIBLE_DEVICES and pass --device cuda")
+        check_placement(self.device, self.dtype, self.quantize)
 
     def flat(self) -> dict[str, Any]:
         """Flat dict of every value (adapter values beside run values), as in the YAML file."""
@@ -205,31 +213,6 @@ def check_trainer_args(values: dict[str, Any]) -> None:
             raise ConfigError(
                 f"unknown trainer argument {key!r}: not a field of transformers.TrainingArguments{hint}"
             )
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 autocast pays: CUDA with bf16 support, or a CPU with native bf16 (AVX512-BF16
-    or AMX). On an AVX2-only CPU, bf16 matmuls are emulated: a SmolLM2 step measured ~20x
-    slower than float32 here, so 'auto' leaves it off there."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        if torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX"):
-            return True
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-        return " avx512_bf16" in flags or " amx_bf16" in flags
-    return False
-
-
-def adapter_config(cfg: TrainConfig, k_selection: dict[str, Any] | None = None) -> HydraLoraConfig:
-    values = dict(cfg.adapter)
-    if k_selection is not None:
-        values["num_heads"] = k_selection["k"]
-        values["k_selection"] = k_selection
-    return HydraLoraConfig(**values)
 
 
 def bf16_supported(device: torch.device) -> bool:

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..data import load_examples
+from ..dist import progress
 from ..files import safe_name
 from .config import TrainConfig
 from .run import run_training
@@ -24,7 +25,7 @@ def train_domain_loras(model_name: str, data: list[str], output: Path, steps: in
         raise ConfigError("the A/B comparison needs examples of at least two domains in --data")
     dirs = {}
     taken: set[str] = set()
-    for domain in domains:
+    for domain in progress(domains, "per-domain LoRAs", unit="domain"):
         name = safe_name(domain, taken)
         subset = output / "per_domain" / f"{name}.jsonl"
         subset.parent.mkdir(parents=True, exist_ok=True)

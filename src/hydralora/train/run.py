@@ -9,11 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from transformers import TrainerCallback, set_seed
 
-from ..base_models import load_model
+from ..base_models import load_model, prepare_for_kbit_training, resolve_device, resolve_dtype
 from ..cluster_model import ClusterModel
 from ..clustering import select_num_heads
 from ..config import HydraLoraConfig
@@ -22,6 +21,7 @@ from ..data.builtin import resolve_builtin
 from ..dist import is_main_process, log, world_size
 from ..eval.loss import domain_losses
 from ..files import write_json, write_yaml
+from ..hub import card_is_ours, write_model_card
 from ..methods import METHODS, count_adapter_parameters
 from ..model import find_targets, hydralora_layers
 from ..routing import (
@@ -74,12 +74,19 @@ def _run_training(cfg: TrainConfig, callbacks: Sequence[TrainerCallback]
     method = METHODS[cfg.method]
     output = prepare_output(cfg)
     started = time.time()
+    our_card = card_is_ours(output)  # decided before this run writes anything (PEFT writes one)
     train_files = resolve_data(cfg.data, cfg, "train")
     eval_files = resolve_data(cfg.eval_data, cfg, "test") if cfg.eval_data else []
     examples = load_examples(train_files)
     eval_examples = load_examples(eval_files) if eval_files else []
 
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    device = resolve_device(cfg.device)
+    quantized = cfg.quantize != "none"  # a k-bit base is placed while loading; the Trainer moves the others
+    model, tokenizer = load_model(cfg.model, dtype=resolve_dtype(cfg.dtype, device),
+                                  trust_remote_code=cfg.trust_remote_code,
+                                  device=device if quantized else None, quantize=cfg.quantize)
+    if quantized:
+        model = prepare_for_kbit_training(model)
     log(f"loaded {cfg.model} ({time.time() - started:.0f} s)")
     features, report = tokenize_examples(examples, tokenizer, cfg.max_length, cfg.skip_overlong)
     log(f"data: {report.line()}")
@@ -102,11 +109,11 @@ def _run_training(cfg: TrainConfig, callbacks: Sequence[TrainerCallback]
     if cfg.resume and cfg.method == "hydralora":
         check_resume_fits(output, adapter)  # before anything is written
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     use_bf16 = cfg.bf16 == "true" or (cfg.bf16 == "auto" and bf16_supported(device))
     results: dict[str, Any] = {}
     if eval_features and cfg.eval_base and is_main_process():
-        model.to(device)
+        if not quantized:
+            model.to(device)
         t0 = time.time()
         results["base"] = domain_losses(model, eval_features, tokenizer.pad_token_id, bf16=use_bf16)
         log(f"base model held-out loss {results['base']['mean']['loss']:.4f} ({time.time() - t0:.0f} s)")
@@ -161,6 +168,7 @@ def _run_training(cfg: TrainConfig, callbacks: Sequence[TrainerCallback]
         "processes": world,
         "num_heads": adapter.num_heads if cfg.method != "lora" else None,
         "k_selection": k_selection,
+        "data": {"train": domain_sizes(examples), "held_out": domain_sizes(eval_examples)},
         "diversity": diversity,
         "eval": results,
         "rank_fingerprints": run.get("fingerprints"),
@@ -169,8 +177,17 @@ def _run_training(cfg: TrainConfig, callbacks: Sequence[TrainerCallback]
     }
     if is_main_process():
         write_json(output / SUMMARY, summary)
+        if our_card:  # a README.md the user put there is never replaced
+            write_model_card(output)
         print(format_summary(summary, output), flush=True)
     return summary, model, tokenizer
+
+
+def domain_sizes(examples: list[Example]) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for e in examples:
+        sizes[e.domain or "all"] = sizes.get(e.domain or "all", 0) + 1
+    return sizes
 
 
 def label_routes(cfg: TrainConfig, adapter: HydraLoraConfig, examples: list[Example],

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from ..base_models import is_quantized, resolve_device
 from ..data import Collator, TokenizedDataset, group_by_domain
 from ..dist import is_main_process, log, world_size
 from ..errors import ConfigError, TrainingError
@@ -70,7 +71,17 @@ class HydraTrainer(CpuFsdpMixin, Trainer):
     def __init__(self, *args: Any, router_lr_multiplier: float = 1.0,
                  domain_eval: dict[str, Any] | None = None, guide_weight: float = 0.0,
                  guide_schedule: str = "constant", **kwargs: Any):
-        super().__init__(*args, **kwargs)
+        model = kwargs.get("model", args[0] if args else None)
+        # transformers refuses a quantized base unless a PEFT adapter is attached; HydraLoRA
+        # layers are trainable adapters too, so they pass its check the same way (Trainer init only)
+        vouch = model is not None and is_quantized(model) and bool(hydralora_layers(model))
+        if vouch:
+            model._hf_peft_config_loaded = True
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if vouch:
+                del model._hf_peft_config_loaded
         self.router_lr_multiplier = router_lr_multiplier
         self.guide_weight, self.guide_schedule = guide_weight, guide_schedule
         self.domain_eval = domain_eval or {}  # {domain: dataset} logged beside eval_loss
@@ -283,7 +294,7 @@ def fit(
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device)
     interrupt = InterruptCallback()
     args = training_arguments(cfg, checkpoint_dir, max_steps, use_bf16, device)
     if args.eval_strategy != "no" and not eval_features:

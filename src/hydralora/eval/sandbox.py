@@ -8,8 +8,8 @@ the code: it fails closed). Layers (`sandbox_capabilities()` says which are acti
    PID, network (loopback only), IPC, UTS, cgroup namespaces; a read-only file system; private
    size-limited tmpfs on MASKED_DIRS (host Unix sockets there are out of reach; abstract ones
    are per network namespace) and on the working directory; fresh /proc and /dev; no
-   capabilities; no_new_privs; the run dies with bwrap. A directory hiding the interpreter
-   from the sandbox uid (0700 /root) is covered by a tmpfs with the interpreter bound back in.
+   capabilities; no_new_privs; the run dies with bwrap. The interpreter is bound back where
+   hidden (a venv under /tmp; a 0700 /root, covered by a tmpfs first).
 2. As root, a throwaway uid/gid per run (SANDBOX_UID_RANGE), no supplementary groups; all its
    processes are killed after the run. Not as root, bwrap forbids nested user namespaces.
 3. rlimits, inherited through exec: RLIMIT_AS (per process: a run may use MAX_PROCESSES *
@@ -141,27 +141,29 @@ def _bwrap_argv(bwrap: str, host: str, inner: str) -> list[str]:
     for d in MASKED_DIRS:
         if os.path.isdir(d) and not os.path.islink(d):
             args += ["--size", str(TMP_MB << 20), "--perms", "1777", "--tmpfs", d]
-    args += _interpreter_binds() if root else []
+    args += _interpreter_binds(root)
     args += ["--size", str(WORKDIR_MB << 20), "--perms", "1777", "--tmpfs", inner]
     for name in ("main.py", "_guard.py"):
         args += ["--ro-bind", f"{host}/{name}", f"{inner}/{name}"]
     return args + ["--chdir", inner, "--"]
 
 
-def _interpreter_binds() -> list[str]:
-    """A tmpfs over each directory others may not enter on the way to the interpreter, with
-    the interpreter's directories bound back in (read-only, their parents 0755)."""
+def _interpreter_binds(root: bool) -> list[str]:
+    """The interpreter's directories bound back in (read-only, parents 0755) where hidden: under
+    MASKED_DIRS (a venv in /tmp) or, as root, behind a 0700 directory (which gets a tmpfs)."""
     exe = os.path.realpath(sys.executable)
     wanted = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, os.path.dirname(exe))}
     args: list[str] = []
     for d in sorted(p for p in wanted if not any(p.startswith(o + "/") for o in wanted)):
         parts = d.strip("/").split("/")
         parents = ["/" + "/".join(parts[: i + 1]) for i in range(len(parts))]
-        blocked = next((i for i, p in enumerate(parents) if not os.stat(p).st_mode & 0o001), None)
-        if blocked is not None:
-            args += [] if parents[blocked] in args else ["--tmpfs", parents[blocked]]
-            for parent in parents[blocked + 1 : -1]:
-                args += ["--perms", "0755", "--dir", parent]
+        hidden = next((i for i, p in enumerate(parents) if p in MASKED_DIRS), None)
+        if hidden is None and root:
+            hidden = next((i for i, p in enumerate(parents) if not os.stat(p).st_mode & 0o001), None)
+            if hidden is not None and parents[hidden] not in args:
+                args += ["--tmpfs", parents[hidden]]
+        if hidden is not None:
+            args += [a for p in parents[hidden + 1 : -1] for a in ("--perms", "0755", "--dir", p)]
             args += ["--ro-bind", d, d]
     return args
 
@@ -235,11 +237,7 @@ def _limits(timeout_s: float, memory_mb: int, uid: int | None) -> Callable[[], N
         hard = hard if current == r.RLIM_INFINITY else min(hard, current)
         limits.append((which, (min(soft, hard), hard)))
 
-    def apply() -> None:
-        for which, pair in limits:
-            r.setrlimit(which, pair)
-
-    return apply
+    return lambda: [r.setrlimit(which, pair) for which, pair in limits]  # preexec_fn
 
 
 def _count_tasks(uid: int) -> int:

@@ -13,6 +13,7 @@ TRAIN = ["--max-steps", "4", "--batch-size", "4", "--lr", "5e-3", "--save-steps"
          "--target-modules", "q_proj", "v_proj", "up_proj"]
 
 
+@pytest.mark.slow  # several trainings or a subprocess: kept out of make test-fast
 def test_cluster_command_on_builtin_mixture(tmp_path, capsys):
     assert main(["cluster", "--data", "builtin", "--output", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -31,6 +32,7 @@ def test_cluster_too_many_clusters(tmp_path, tiny_data, capsys):
     assert "more clusters than the 24 examples" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # several trainings or a subprocess: kept out of make test-fast
 def test_num_heads_auto_records_choice(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "t.jsonl", tiny_records(40))
     out = tmp_path / "auto"

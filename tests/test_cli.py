@@ -49,6 +49,7 @@ def test_train_writes_adapter_summary_and_config(tiny_model_dir, tiny_data, tmp_
     assert capsys.readouterr().out.count("### ") == 2
 
 
+@pytest.mark.slow  # several trainings or a subprocess: kept out of make test-fast
 def test_resume_matches_uninterrupted_run(tiny_model_dir, tiny_data, tmp_path):
     straight = tmp_path / "straight"
     assert main(train_args(tiny_model_dir, tiny_data, straight)) == 0

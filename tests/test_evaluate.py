@@ -99,6 +99,7 @@ def test_eval_with_a_perfect_model_scores_one(tiny_model_dir, tmp_path, monkeypa
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(path), "--output", str(out)]) == 2
 
 
+@pytest.mark.slow  # several trainings or a subprocess: kept out of make test-fast
 def test_eval_real_generation_with_adapters(tiny_model_dir, tmp_path, tiny_data):
     path = builtin_eval_file(tmp_path)
     common = ["--model", str(tiny_model_dir), "--data", str(tiny_data), "--max-steps", "2",

@@ -100,6 +100,7 @@ def test_harness_loglikelihoods_equal_ours(tiny_model_dir, hydra_adapter, task_d
     assert "acc,none" in results["results"]["tiny_mc"]
 
 
+@pytest.mark.slow  # several trainings or a subprocess: kept out of make test-fast
 def test_the_command_line_wrapper(tiny_model_dir, hydra_adapter, task_dir, tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run(

@@ -105,6 +105,7 @@ def test_merged_export_refuses_the_base_model_folder(tiny_model_dir, adapter, tm
 
 
 # ---------------------------------------------------------------------------- 3. names from data
+@pytest.mark.slow  # several trainings or a subprocess: kept out of make test-fast
 def test_domain_names_from_data_stay_inside_the_output(tiny_model_dir, adapter, tmp_path):
     absolute = tmp_path / "absolute-victim"
     records = tiny_records(8)

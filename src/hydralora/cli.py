@@ -9,6 +9,7 @@ unless --debug is given.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,7 @@ from .demo import DemoOptions, run_demo
 from .errors import ConfigError, UserError, short
 from .eval.run import EvalOptions, GenerateOptions, run_eval, run_generate
 from .export import ExportOptions, run_export
-from .hub import PushOptions, push
+from .hub import PushOptions, push, resolve_adapter
 from .info import InfoOptions, run_info
 from .routed import RouteOptions, run_route
 from .model import CONFIG_NAME
@@ -149,6 +150,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- other commands
 def cmd_analyze(opts: AnalyzeOptions) -> None:
     """Analyze an adapter; first train the per-domain LoRAs when asked to."""
+    opts = dataclasses.replace(opts, adapter=str(resolve_adapter(opts.adapter)))  # a hub id: its snapshot
     data = resolve_builtin(opts.data, Path(opts.output) / "data", "test")
     loras = opts.domain_loras()
     if loras is None and opts.per_domain_steps > 0:

@@ -17,6 +17,7 @@ next to the dynamic one on --data.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from .gates import (  # noqa: F401  (the gate helpers are part of this module's 
     resolve_gates,
     unmerge_all,
 )
+from .hub import resolve_adapter
 from .methods import adapter_kind, load_model_with_adapter
 from .methods.lora_split import load as load_routed
 from .model import hydralora_layers, remove_hydralora
@@ -135,6 +137,7 @@ def _write_report(folder: Path, report: dict[str, Any] | None, gates: dict[str, 
 
 def run_export(opts: ExportOptions) -> dict:
     """The `hydralora export` command: resolve gates, report the cost of fixing them, export."""
+    opts = dataclasses.replace(opts, adapter=str(resolve_adapter(opts.adapter)))  # a hub id: its snapshot
     if opts.format not in FORMATS:
         raise ConfigError(f"--format {opts.format!r}: choose one of {', '.join(FORMATS)}")
     if adapter_kind(opts.adapter) != "hydralora":

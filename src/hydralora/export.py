@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from torch import nn
 
 from .base_models import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MODEL, QUANTIZE_MODES, check_placement
@@ -34,6 +34,7 @@ from .eval.loss import domain_losses
 from .files import check_output_dir, staged_dir
 from .gates import (  # noqa: F401  (the gate helpers are part of this module's interface)
     check_gate_vector,
+    fixed_gate_lora_config,
     gates_from_file,
     mean_gates,
     merge_fixed,
@@ -92,16 +93,11 @@ def export_peft_lora(model: nn.Module, gates: dict[str, torch.Tensor], output: s
     (the caller should reload if it needs the HydraLoRA model).
     """
     layers = hydralora_layers(model)
-    cfg = next(iter(layers.values())).config
     factors = {name: layer.fixed_gate_factors(gates[name]) for name, layer in layers.items()}
-    rank = cfg.r if cfg.shared_a else cfg.r * cfg.num_heads
-    scaling = cfg.scaling
+    lora = fixed_gate_lora_config(layers)
     output = Path(output)
     with staged_dir(output, overwrite) as tmp:
         remove_hydralora(model)
-        lora = LoraConfig(r=rank, lora_alpha=scaling * rank, lora_dropout=0.0,
-                          target_modules=sorted(layers), bias="none", task_type="CAUSAL_LM",
-                          fan_in_fan_out=any(l.fan_in_fan_out for l in layers.values()))
         peft_model = get_peft_model(model, lora)
         with torch.no_grad():
             for name, (b_eff, a_eff) in factors.items():
@@ -206,8 +202,8 @@ def export_per_group(opts: ExportOptions, model: nn.Module, pad_token_id: int,
     report["per_request"] = domain_losses(routed, [{**f, "adapter_name": n} for f, n in zip(features, sent)],
                                           pad_token_id)
     if opts.gates == "per-domain":
-        right = [n == names[sorted({g["domain"] for g in features}).index(f["domain"])]
-                 for f, n in zip(features, sent)]
+        name_of = dict(zip(sorted({f["domain"] for f in features}), names))  # group_examples' order
+        right = [n == name_of[f["domain"]] for f, n in zip(features, sent)]
         report["router_accuracy"] = sum(right) / len(right)
     with open(output / "hydralora_export.json") as f:
         saved = json.load(f)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig
 from torch import nn
 
 from .data import group_by_domain
@@ -55,11 +56,15 @@ def check_gate_vector(values: Any, k: int, where: str) -> torch.Tensor:
 
 def mean_gates(model: nn.Module, features: list[dict[str, Any]], pad_token_id: int,
                batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """Per layer, the router's mean gate vector over the real tokens of `features`."""
+    """Per layer, the router's mean gate vector over the real tokens of `features`; a layer
+    without a router (one head, uniform router) gets its fixed uniform gates."""
     if not features:
         raise ConfigError("no examples to average the gates over (check --data and the domain name)")
     stats = gate_statistics(model, features, pad_token_id, batch_size)
-    return {name: torch.tensor(s["mean_gate"], dtype=torch.float32) for name, s in stats.items()}
+    gates = {name: torch.tensor(s["mean_gate"], dtype=torch.float32) for name, s in stats.items()}
+    for name, layer in hydralora_layers(model).items():
+        gates.setdefault(name, torch.full((layer.num_heads,), 1.0 / layer.num_heads))
+    return gates
 
 
 def resolve_gates(model: nn.Module, spec: str, features: list[dict[str, Any]] | None = None,
@@ -78,11 +83,18 @@ def resolve_gates(model: nn.Module, spec: str, features: list[dict[str, Any]] | 
                 raise ConfigError(f"--gates {spec}: no examples of domain {domain!r} in --data "
                                   f"(domains there: {', '.join(sorted(groups))})")
             features = groups[domain]
-        gates = mean_gates(model, features, pad_token_id)
-        for name, layer in layers.items():  # layers without a router have fixed gates already
-            gates.setdefault(name, torch.full((layer.num_heads,), 1.0 / layer.num_heads))
-        return gates
+        return mean_gates(model, features, pad_token_id)
     return gates_from_file(spec, layers)
+
+
+def fixed_gate_lora_config(layers: dict[str, nn.Module]) -> LoraConfig:
+    """The PEFT LoRA that a HydraLoRA layer with fixed gates is: rank r (shared A) or k*r (one A
+    per head), the same scaling, on the same modules (fixed_gate_factors gives its weights)."""
+    cfg = next(iter(layers.values())).config
+    rank = cfg.r if cfg.shared_a else cfg.r * cfg.num_heads
+    return LoraConfig(r=rank, lora_alpha=cfg.scaling * rank, lora_dropout=0.0,
+                      target_modules=sorted(layers), bias="none", task_type="CAUSAL_LM",
+                      fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers.values()))
 
 
 def merge_fixed(model: nn.Module, gates: dict[str, torch.Tensor]) -> None:

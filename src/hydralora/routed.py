@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from torch import nn
 
 from .cluster_model import ClusterModel, tfidf_features
 from .errors import ConfigError
 from .files import safe_name, staged_dir, write_json
-from .gates import mean_gates
+from .gates import fixed_gate_lora_config, mean_gates
 from .methods.lora_split import SPLIT_FILE, SplitRouter
 from .model import hydralora_layers, remove_hydralora
 
@@ -74,12 +74,9 @@ def export_routed(model: nn.Module, names: list[str], gates: list[dict[str, torc
     """Write one PEFT LoRA per group (its fixed gates) and the router. Consumes the HydraLoRA
     layers: `model` is the plain base model afterwards."""
     layers = hydralora_layers(model)
-    cfg = next(iter(layers.values())).config
     factors = [{n: layer.fixed_gate_factors(g[n]) for n, layer in layers.items()} for g in gates]
-    rank = cfg.r if cfg.shared_a else cfg.r * cfg.num_heads
-    lora = LoraConfig(r=rank, lora_alpha=cfg.scaling * rank, lora_dropout=0.0,
-                      target_modules=sorted(layers), bias="none", task_type="CAUSAL_LM",
-                      fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers.values()))
+    lora = fixed_gate_lora_config(layers)
+    rank, scaling = lora.r, lora.lora_alpha / lora.r  # the HydraLoRA scaling alpha / r
     with staged_dir(output, overwrite) as tmp:
         remove_hydralora(model)
         peft_model = get_peft_model(model, lora, adapter_name=names[0])
@@ -98,8 +95,8 @@ def export_routed(model: nn.Module, names: list[str], gates: list[dict[str, torc
         router.save(tmp)
         write_json(tmp / SPLIT_FILE, {
             "peft_type": "LORA_SPLIT", "made_by": how, "k": len(names), "ranks": [rank] * len(names),
-            "cluster_sizes": (report or {}).get("group_sizes"), "alpha": cfg.scaling * rank,
-            "scaling": [cfg.scaling] * len(names), "adapters": names,
+            "cluster_sizes": (report or {}).get("group_sizes"), "alpha": lora.lora_alpha,
+            "scaling": [scaling] * len(names), "adapters": names,
             "base_model_name_or_path": base_model_name})
         with open(tmp / "hydralora_export.json", "w") as f:
             json.dump({**(report or {}), "gates_per_group": {
@@ -110,13 +107,7 @@ def export_routed(model: nn.Module, names: list[str], gates: list[dict[str, torc
 def per_group_gates(model: nn.Module, groups: list[list[dict[str, Any]]],
                     pad_token_id: int) -> list[dict[str, torch.Tensor]]:
     """For each group: per layer, the router's mean gates over the group's tokens."""
-    out = []
-    for group in groups:
-        gates = mean_gates(model, group, pad_token_id)
-        for name, layer in hydralora_layers(model).items():  # no router: fixed gates already
-            gates.setdefault(name, torch.full((layer.num_heads,), 1.0 / layer.num_heads))
-        out.append(gates)
-    return out
+    return [mean_gates(model, group, pad_token_id) for group in groups]
 
 
 # ---------------------------------------------------------------------------- the route command

@@ -59,8 +59,9 @@ def build(method: str, shape: str, device: torch.device, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape], tie_word_embeddings=False))
-    model.to(device=device, dtype=dtype)
+    with torch.device(device):  # initialized where it runs: seconds, not a minute, for 1B on a GPU
+        model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape], tie_word_embeddings=False))
+    model.to(dtype=dtype)
     if method == "hydra":
         from hydralora import HydraLoraConfig, add_hydralora
 
@@ -170,7 +171,18 @@ def main(argv: list[str] | None = None) -> dict:
                     "dtype": str(dtype).removeprefix("torch."), "batch": args.batch, "seq": args.seq,
                     "date": time.strftime("%Y-%m-%d"), "train": {}, "generation": {}}
     t_start = time.time()
-    for mode in ["eager"] + ([] if args.no_compile else ["compile"]):
+    out = Path(args.json)
+
+    def section(name: str, run) -> None:
+        """One part of the check; a failure is recorded and the next part still runs."""
+        try:
+            run()
+        except Exception as err:  # e.g. a compiler error: keep the figures measured so far
+            report.setdefault("errors", {})[name] = f"{type(err).__name__}: {err}"[-3000:]
+            print(f"{name}: failed: {type(err).__name__}: {str(err)[:500]}", flush=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+
+    def train(mode: str) -> None:
         runs = {m: train_steps(m, args, device, dtype, mode == "compile") for m in ("lora", "hydra")}
         report["train"][mode] = {
             **runs,
@@ -179,17 +191,29 @@ def main(argv: list[str] | None = None) -> dict:
         }
         print(f"train {mode}: HydraLoRA/LoRA step time x{report['train'][mode]['step_ratio']:.3f}, "
               f"peak memory x{report['train'][mode]['memory_ratio']:.3f} "
-              f"(LoRA {runs['lora']['step_s'] * 1e3:.1f} ms, {runs['lora']['peak_mib']:.0f} MiB)", flush=True)
-    report["layer"] = layer_bench(args, device, dtype)
-    for res in report["layer"]:
-        print(f"layer {res['shape']}: HydraLoRA k=4 / PEFT LoRA x{res['hydra_k4_over_lora']:.3f}", flush=True)
-    gen = {m: generation(m, args, device, dtype) for m in ("lora", "hydra")}
-    report["generation"] = {**gen, **{f"{k}_ratio": gen["hydra"][k] / gen["lora"][k] for k in gen["lora"]}}
-    for k in gen["lora"]:
-        print(f"generation {k.removesuffix('_tok_s')}: HydraLoRA {gen['hydra'][k]:.1f} tok/s, "
-              f"LoRA {gen['lora'][k]:.1f} tok/s (x{report['generation'][k + '_ratio']:.3f})", flush=True)
+              f"(LoRA {runs['lora']['step_s'] * 1e3:.1f} ms, {runs['lora']['peak_mib']:.0f} MiB; "
+              f"HydraLoRA {runs['hydra']['step_s'] * 1e3:.1f} ms, {runs['hydra']['peak_mib']:.0f} MiB)",
+              flush=True)
+
+    def layer() -> None:
+        report["layer"] = layer_bench(args, device, dtype)
+        for res in report["layer"]:
+            print(f"layer {res['shape']}: HydraLoRA k=4 / PEFT LoRA x{res['hydra_k4_over_lora']:.3f}", flush=True)
+
+    def generate() -> None:
+        gen = {m: generation(m, args, device, dtype) for m in ("lora", "hydra")}
+        report["generation"] = {**gen, **{f"{k}_ratio": gen["hydra"][k] / gen["lora"][k] for k in gen["lora"]}}
+        for k in gen["lora"]:
+            print(f"generation {k.removesuffix('_tok_s')}: HydraLoRA {gen['hydra'][k]:.1f} tok/s, "
+                  f"LoRA {gen['lora'][k]:.1f} tok/s (x{report['generation'][k + '_ratio']:.3f})", flush=True)
+
+    section("train eager", lambda: train("eager"))
+    section("layer", layer)
+    section("generation", generate)
+    if not args.no_compile:  # last: the slowest part, and the one most likely to fail
+        section("train compile", lambda: train("compile"))
     report["seconds"] = round(time.time() - t_start, 1)
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.json} ({report['seconds']} s on {gpu})")
     return report
 

@@ -71,6 +71,7 @@ def test_8bit_base_forward_and_backward(tiny_model_dir):
 def test_qlora_trains_and_reloads_on_a_fresh_quantized_base(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "hydra"
     summary, model = train(tiny_model_dir, tiny_data, out)
+    assert summary["base_dtype"] == "4bit"
     layer = model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, HydraLoraLinear) and isinstance(layer.base, bnb.nn.Linear4bit)
     losses = logged_losses(out)

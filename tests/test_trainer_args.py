@@ -101,7 +101,8 @@ def test_max_grad_norm_and_optim_reach_the_trainer(tiny_model_dir, tiny_data, tm
     seen = Seen()
     cfg = tiny_cfg(tiny_model_dir, tiny_data, tmp_path / "run",
                    trainer_args={"max_grad_norm": 0.123, "optim": "adafactor"})
-    run_training(cfg, callbacks=[seen])
+    summary, _, _ = run_training(cfg, callbacks=[seen])
+    assert (summary["device"], summary["base_dtype"]) == ("cpu", "float32")  # --device/--dtype auto
     assert seen.args.max_grad_norm == 0.123 and seen.args.optim == "adafactor"
     assert type(seen.optimizer.optimizer if hasattr(seen.optimizer, "optimizer") else seen.optimizer
                 ).__name__ == "Adafactor"

@@ -81,8 +81,9 @@ def _run_training(cfg: TrainConfig, callbacks: Sequence[TrainerCallback]
     eval_examples = load_examples(eval_files) if eval_files else []
 
     device = resolve_device(cfg.device)
+    base_dtype = resolve_dtype(cfg.dtype, device)
     quantized = cfg.quantize != "none"  # a k-bit base is placed while loading; the Trainer moves the others
-    model, tokenizer = load_model(cfg.model, dtype=resolve_dtype(cfg.dtype, device),
+    model, tokenizer = load_model(cfg.model, dtype=base_dtype,
                                   trust_remote_code=cfg.trust_remote_code,
                                   device=device if quantized else None, quantize=cfg.quantize)
     if quantized:
@@ -165,6 +166,8 @@ def _run_training(cfg: TrainConfig, callbacks: Sequence[TrainerCallback]
         "final_loss": run["final_loss"],
         "train_loss": run["train_loss"],
         "bf16": use_bf16,
+        "device": str(device),
+        "base_dtype": cfg.quantize if quantized else str(base_dtype).removeprefix("torch."),
         "processes": world,
         "num_heads": adapter.num_heads if cfg.method != "lora" else None,
         "k_selection": k_selection,

@@ -114,3 +114,31 @@ def test_eval_real_generation_with_adapters(tiny_model_dir, tmp_path, tiny_data)
         assert set(result["tasks"]) == {"code", "headline", "math", "topic", "mean"}
         assert all(0.0 <= r["score"] <= 1.0 for r in result["tasks"].values())
         assert len(result["outputs"]) == 8
+
+
+def test_response_nll_same_with_or_without_boolean_logits_mask(tiny_llama, monkeypatch):
+    """transformers releases without the boolean logits_to_keep (5.17 on the GPU machine raised
+    IndexError) get 1-D positions instead; both give the full-logits cross-entropy."""
+    import torch
+    import torch.nn.functional as F
+
+    from hydralora.data import Collator
+    from hydralora.eval import loss
+
+    g = torch.Generator().manual_seed(0)
+    feats = []
+    for n, prompt in ((9, 5), (14, 3), (6, 4)):  # rows with different prompt and response spans
+        ids = torch.randint(0, 128, (n,), generator=g).tolist()
+        feats.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    batch = Collator(pad_token_id=0)(feats)
+    with torch.no_grad():
+        full = tiny_llama(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"]
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = labels[:, 1:] != -100
+        want = F.cross_entropy(full[keep].float(), labels[:, 1:][keep[:, :-1]], reduction="none")
+        for boolean in (True, False):
+            monkeypatch.setattr(loss, "BOOLEAN_LOGITS_MASK", boolean)
+            nll, rows = loss.response_nll(tiny_llama, batch)
+            assert torch.allclose(nll, want, atol=1e-5), boolean
+            assert rows.tolist() == keep.nonzero()[:, 0].tolist()

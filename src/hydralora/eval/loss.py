@@ -3,8 +3,10 @@
 Response-only training leaves most positions unlabeled (a topic label is 4 tokens after a
 200-token article), yet a causal LM computes vocabulary logits for every position: with
 SmolLM2's 49,152-token vocabulary that is a large share of the step. Passing a boolean
-`logits_to_keep` mask (supported by transformers' causal LMs) projects only the labeled
-positions through the LM head; the result is the same loss.
+`logits_to_keep` mask projects only the labeled positions through the LM head; the result
+is the same loss. transformers releases before the boolean mask (5.17 has none; 5.24 has it,
+in `modeling_utils.slice_logits_to_keep`) take a 1-D tensor of positions instead: there we
+keep the positions labeled in any row of the batch.
 """
 
 from __future__ import annotations
@@ -16,10 +18,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import modeling_utils
 
 from ..data import IGNORE_INDEX, Collator
 from ..dist import progress
 from ..routing import route_batch
+
+
+# transformers' causal LMs take a (B, T) boolean logits_to_keep from the release that added this
+BOOLEAN_LOGITS_MASK = hasattr(modeling_utils, "slice_logits_to_keep")
 
 
 def response_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,12 +36,18 @@ def response_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tupl
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t+1
     extra = {"adapter_names": batch["adapter_names"]} if "adapter_names" in batch else {}
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                logits_to_keep=keep, **extra)
-    logits = out.logits.reshape(-1, out.logits.shape[-1])  # (M, V)
+    if BOOLEAN_LOGITS_MASK:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    logits_to_keep=keep, **extra)
+        logits = out.logits.reshape(-1, out.logits.shape[-1])  # (M, V)
+        if logits.shape[0] != int(keep.sum()):  # a model that ignores the mask: (B, T, V)
+            logits = out.logits[keep]
+    else:
+        positions = keep.any(0).nonzero()[:, 0]  # (P,): labeled in some row
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    logits_to_keep=positions, **extra)  # logits (B, P, V)
+        logits = out.logits[keep[:, positions]] if out.logits.shape[1] == len(positions) else out.logits[keep]
     targets = labels[:, 1:][keep[:, :-1]]  # (M,)
-    if logits.shape[0] != targets.shape[0]:  # a model that ignores the boolean mask
-        logits = out.logits[keep]
     rows = keep.nonzero()[:, 0]
     return F.cross_entropy(logits.float(), targets, reduction="none"), rows
 

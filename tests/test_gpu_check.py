@@ -22,12 +22,31 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path, monkeypatch, capsys):
     out = tmp_path / "check.json"
     report = gpu_check.main(["--tiny", "--no-compile", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
-    assert report["model"] == "tiny" and report["device"]
+    assert report["model"] == "tiny" and report["device"] and "errors" not in report
     eager = report["train"]["eager"]
     assert eager["step_ratio"] > 0 and eager["memory_ratio"] > 0
     assert report["layer"][0]["hydra_k4_over_lora"] > 0
     assert {"batch1_tok_s_ratio", "batch4_tok_s_ratio"} <= set(report["generation"])
     printed = capsys.readouterr().out
     assert "HydraLoRA/LoRA step time" in printed and "wrote" in printed
+    sys.modules.pop("gpu_check", None)
+    sys.modules.pop("layer_speed", None)
+
+
+def test_a_failing_section_is_recorded_and_the_next_still_runs(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu_check
+
+    def broken(*args):
+        raise RuntimeError("no kernel image")
+
+    monkeypatch.setattr(gpu_check, "layer_bench", broken)
+    monkeypatch.setattr(gpu_check, "train_steps", broken)
+    out = tmp_path / "check.json"
+    report = gpu_check.main(["--tiny", "--no-compile", "--json", str(out)])
+    assert set(report["errors"]) == {"train eager", "layer"}
+    assert "no kernel image" in report["errors"]["layer"]
+    assert {"batch1_tok_s_ratio", "batch4_tok_s_ratio"} <= set(report["generation"])
+    assert json.loads(out.read_text())["errors"] == report["errors"]
     sys.modules.pop("gpu_check", None)
     sys.modules.pop("layer_speed", None)

@@ -61,6 +61,15 @@ PRESETS = {
         "task_seeds": [],
         "max_new_tokens": 128,
     },
+    "reduced-6x": {  # six times the reduced preset's steps: the long budget a 2-core CPU allows
+        "train": ["--builtin-train-per-domain", "200", "--builtin-test-per-domain", "16",
+                  "--max-steps", "144", "--batch-size", "4", "--max-length", "192",
+                  "--skip-overlong", "--lr", "1e-3", "--warmup-ratio", "0.05",
+                  "--logging-steps", "24", "--save-steps", "0", "--no-eval-base"],
+        "seeds": [0, 1],
+        "task_seeds": [],
+        "max_new_tokens": 128,
+    },
     "smoke": {  # a minutes-long check that the script runs end to end
         "train": ["--builtin-train-per-domain", "30", "--builtin-test-per-domain", "2",
                   "--max-steps", "2", "--batch-size", "2", "--max-length", "160",

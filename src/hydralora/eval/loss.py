@@ -36,18 +36,18 @@ def response_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tupl
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t+1
     extra = {"adapter_names": batch["adapter_names"]} if "adapter_names" in batch else {}
+    targets = labels[:, 1:][keep[:, :-1]]  # (M,)
     if BOOLEAN_LOGITS_MASK:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     logits_to_keep=keep, **extra)
         logits = out.logits.reshape(-1, out.logits.shape[-1])  # (M, V)
-        if logits.shape[0] != int(keep.sum()):  # a model that ignores the mask: (B, T, V)
+        if logits.shape[0] != targets.shape[0]:  # a model that ignores logits_to_keep: (B, T, V)
             logits = out.logits[keep]
     else:
-        positions = keep.any(0).nonzero()[:, 0]  # (P,): labeled in some row
+        positions = keep.any(0).nonzero()[:, 0]  # (P,): labeled in some row; P < T
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     logits_to_keep=positions, **extra)  # logits (B, P, V)
-        logits = out.logits[keep[:, positions]] if out.logits.shape[1] == len(positions) else out.logits[keep]
-    targets = labels[:, 1:][keep[:, :-1]]  # (M,)
+        logits = out.logits[keep[:, positions] if out.logits.shape[1] == len(positions) else keep]
     rows = keep.nonzero()[:, 0]
     return F.cross_entropy(logits.float(), targets, reduction="none"), rows
 

@@ -142,3 +142,20 @@ def test_eval_strategy_without_held_out_set_is_refused(tiny_model_dir, tiny_data
     cfg = tiny_cfg(tiny_model_dir, tiny_data, tmp_path / "run", trainer_args={"eval_strategy": "steps"})
     with pytest.raises(ConfigError, match="needs a held-out set: give --eval-data"):
         run_training(cfg)
+
+
+def test_the_trained_model_is_returned_without_the_autocast_wrapper(tiny_model_dir, tiny_data, tmp_path):
+    """With bf16 on, accelerate wraps forward in autocast during training; the model that
+    run_training returns gives the logits of the saved adapter loaded fresh (float32)."""
+    import torch
+
+    from hydralora.methods import load_model_with_adapter
+
+    out = tmp_path / "run"
+    _, model, _ = run_training(tiny_cfg(tiny_model_dir, tiny_data, out, bf16="true"))
+    assert "_original_forward" not in model.__dict__
+    fresh, _ = load_model_with_adapter(str(tiny_model_dir), out, device="cpu")
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, fresh(ids).logits)

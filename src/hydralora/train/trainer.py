@@ -324,7 +324,8 @@ def fit(
     t0 = time.time()
     outcome = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.time() - t0
-    bare = trainer.accelerator.unwrap_model(trainer.model)
+    # without accelerate's autocast wrapper on forward: the model returned behaves as one loaded fresh
+    bare = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     if is_sharded(bare):  # FSDP: gathered, so rank 0 alone can evaluate and save
         unshard_for_inference(bare)
     elif trainer.is_deepspeed_enabled and trainer.accelerator.deepspeed_config["zero_optimization"].get("stage") == 3:

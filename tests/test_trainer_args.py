@@ -159,3 +159,28 @@ def test_the_trained_model_is_returned_without_the_autocast_wrapper(tiny_model_d
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, fresh(ids).logits)
+
+
+@pytest.mark.parametrize("outcome", ["ok", "error"])
+def test_train_command_ends_the_process_group(monkeypatch, tmp_path, outcome):
+    """`hydralora train` destroys the process group the Trainer set up, also when training
+    fails: left to exit, gloo's threads aborted a torchrun worker after its work (exit -6)."""
+    import torch.distributed as dist
+
+    from hydralora import cli
+    from hydralora.errors import TrainingError
+
+    def fake_training(cfg):
+        assert dist.is_initialized()
+        if outcome == "error":
+            raise TrainingError("boom")
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(cli, "run_training", fake_training)
+        code = main(["train", "--data", "x.jsonl", "--output", str(tmp_path / "o")])
+        assert code == (0 if outcome == "ok" else 2)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

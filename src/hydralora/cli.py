@@ -22,6 +22,7 @@ from .clustering import ClusterOptions, run_cluster
 from .config import TRAIN_ADAPTER_DEFAULTS, HydraLoraConfig
 from .data.builtin import BuiltinDataOptions, resolve_builtin, run_builtin_data
 from .demo import DemoOptions, run_demo
+from .dist import end_process_group
 from .errors import ConfigError, UserError, short
 from .eval.run import EvalOptions, GenerateOptions, run_eval, run_generate
 from .export import ExportOptions, run_export
@@ -143,7 +144,10 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    run_training(train_config_from_args(args))
+    try:
+        run_training(train_config_from_args(args))
+    finally:
+        end_process_group()
     return 0
 
 

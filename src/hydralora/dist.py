@@ -20,6 +20,16 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def end_process_group() -> None:
+    """Destroy the process group the Trainer set up (torchrun, accelerate), if any: left to
+    the interpreter's exit, gloo's worker threads can abort the process after its work is done
+    ("terminate called without an active exception", exit -6: seen once in the 2-process test)."""
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
 def log(message: str) -> None:
     """Print a progress line from the main process only."""
     if is_main_process():

@@ -112,3 +112,19 @@ def test_the_command_line_wrapper(tiny_model_dir, hydra_adapter, task_dir, tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = list(out.rglob("results*.json"))
     assert files and "tiny_mc" in json.loads(files[0].read_text())["results"]
+
+
+def test_sequence_routed_adapters_are_scored_one_example_at_a_time(tiny_model_dir, tmp_path):
+    """The harness pads without an attention mask, which would enter the prompt pool of a
+    sequence-routed adapter: such adapters get batch size 1, per-token ones keep theirs."""
+    from transformers import AutoModelForCausalLM
+
+    from hydralora.integrations.lm_eval import HydraLoraLM
+
+    for routing, expected in (("sequence", 1), ("token", 4)):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        add_hydralora(model, HydraLoraConfig(r=4, num_heads=2, target_modules=["q_proj"], routing=routing))
+        save_adapter(model, tmp_path / routing)
+        lm = HydraLoraLM(pretrained=str(tiny_model_dir), adapter=str(tmp_path / routing), device="cpu",
+                         batch_size=4, dtype="float32")
+        assert int(lm.batch_size) == expected, routing

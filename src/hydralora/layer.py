@@ -55,8 +55,9 @@ class HydraLoraLinear(nn.Module):
     `keep_gates` is set), `example_gates` (per-example mean router probabilities (B, k) of the
     last forward, with gradient, when `track_example_gates` is set: what the guide loss pulls).
     Inputs set by the caller for the next forwards: `token_mask` (bool, the leading shape: real
-    tokens, so padding is left out of the balance loss and statistics), `prompt_mask` ((B, T) bool: the tokens that sequence routing
-    pools), `forced_gates` ((B, k): every token of example b gets these gates; oracle routing).
+    tokens, so padding is left out of the balance loss and statistics), `prompt_mask` ((B, T)
+    bool: the tokens that sequence routing pools), `forced_gates` ((B, k): every token of
+    example b gets these gates; oracle routing).
     """
 
     def __init__(self, base: nn.Module, config: HydraLoraConfig):

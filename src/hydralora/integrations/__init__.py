@@ -1,3 +1,3 @@
 """Bridges to the tools practitioners already use, each importing its tool on demand:
 `hydralora.integrations.trl` (TRL's SFTTrainer), `hydralora.integrations.lm_eval`
-(lm-evaluation-harness) and `hydralora.integrations.hub` (the Hugging Face Hub)."""
+(lm-evaluation-harness); the Hugging Face Hub is `hydralora.hub`."""

@@ -20,7 +20,6 @@ pooled prompt would include the padding, so such adapters are scored one example
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from ..base_models import resolve_model_path
+from ..config import HydraLoraConfig
 from ..errors import ConfigError
 from ..hub import resolve_adapter
 from ..methods import METHODS, adapter_kind
@@ -52,7 +52,8 @@ class HydraLoraLM(HFLM):
             pretrained = path
             if "gguf_file" in extra:
                 kwargs.setdefault("gguf_file", extra["gguf_file"])
-        if self._adapter_kind == "hydralora" and _sequence_routing(Path(self._adapter)):
+        if self._adapter_kind == "hydralora" and \
+                HydraLoraConfig.from_json_file(Path(self._adapter) / CONFIG_NAME).routing == "sequence":
             kwargs["batch_size"] = 1  # see the module docstring: padding would enter the pool
         super().__init__(pretrained=pretrained, **kwargs)
 
@@ -66,13 +67,6 @@ class HydraLoraLM(HFLM):
         info = super().get_model_info()
         info["hydralora_adapter"] = self._adapter
         return info
-
-
-def _sequence_routing(path: Path) -> bool:
-    try:
-        return json.loads((path / CONFIG_NAME).read_text()).get("routing") == "sequence"
-    except (OSError, ValueError):
-        return False
 
 
 def main(argv: list[str] | None = None) -> None:

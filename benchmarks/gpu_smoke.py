@@ -107,25 +107,22 @@ def cuda_only(ctx: Context) -> torch.device:
 
 
 def layer_no_sync(ctx: Context) -> dict:
-    from hydralora import HydraLoraConfig, add_hydralora
+    from hydralora import GateStats, HydraLoraConfig, RoutingContext, add_hydralora
     from hydralora.layer import HydraLoraLinear
-    from hydralora.router import RouterStats
 
     dev = cuda_only(ctx)
     for options in LAYER_OPTIONS:
         cfg = HydraLoraConfig(r=8, num_heads=4, target_modules=["x"], **options)
         layer = HydraLoraLinear(torch.nn.Linear(256, 512, device=dev, dtype=torch.bfloat16), cfg).train()
-        layer.stats = RouterStats(layer.num_heads, device=dev)
-        layer.token_mask = torch.ones(4, 64, dtype=torch.bool, device=dev)
-        layer.prompt_mask = torch.ones(4, 64, dtype=torch.bool, device=dev)
-        layer.track_example_gates = True
+        mask = torch.ones(4, 64, dtype=torch.bool, device=dev)
         x = torch.randn(4, 64, 256, device=dev, dtype=torch.bfloat16, requires_grad=True)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast("cuda", dtype=torch.bfloat16), RoutingContext(
+                    token_mask=mask, prompt_mask=mask, stats=GateStats(), example_gates=True) as routing:
                 y = layer(x)
-            loss = y.float().sum() + (layer.aux_loss if layer.aux_loss is not None else 0)
+            loss = y.float().sum() + routing.aux_loss()
             loss.backward()
         finally:
             torch.cuda.set_sync_debug_mode(0)

@@ -30,8 +30,7 @@ import torch
 from sklearn.cluster import KMeans
 from torch import nn
 
-from hydralora import HydraLoraConfig, HydraLoraLinear
-from hydralora.router import guide_loss
+from hydralora import HydraLoraConfig, HydraLoraLinear, RoutingContext
 
 
 @dataclass
@@ -97,26 +96,24 @@ def train(layer: HydraLoraLinear, t: Tasks, steps: int, lr: float, oracle: bool 
         groups.append({"params": [layer.router], "lr": lr * router_lr_multiplier})
     opt = torch.optim.Adam(groups)
     layer.train()
-    layer.track_example_gates = guide_weight > 0
+    forced = nn.functional.one_hot(t.task, k).float() if oracle else None
     for _ in range(steps):
-        layer.forced_gates = nn.functional.one_hot(t.task, k).float() if oracle else None
-        loss = ((layer(t.x) - t.y) ** 2).mean()
-        if guide_weight > 0:
-            loss = loss + guide_weight * guide_loss(layer.example_gates, guide_labels)
+        with RoutingContext(forced_gates=forced, labels=guide_labels,
+                            example_gates=guide_weight > 0) as routing:
+            loss = ((layer(t.x) - t.y) ** 2).mean()
+        loss = loss + routing.aux_loss(guide_weight)
         opt.zero_grad()
         loss.backward()
         opt.step()
     layer.eval()
-    layer.track_example_gates = False
     return layer
 
 
 @torch.no_grad()
 def held_out_error(layer: HydraLoraLinear, t: Tasks, oracle: bool = False) -> float:
-    layer.forced_gates = nn.functional.one_hot(t.task_test, layer.num_heads).float() if oracle else None
-    error = relative_error(layer(t.x_test), t.y_test)
-    layer.forced_gates = None
-    return error
+    forced = nn.functional.one_hot(t.task_test, layer.num_heads).float() if oracle else None
+    with RoutingContext(forced_gates=forced):
+        return relative_error(layer(t.x_test), t.y_test)
 
 
 @torch.no_grad()

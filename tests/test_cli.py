@@ -154,19 +154,22 @@ def test_data_builtin_command(tmp_path, capsys):
 
 
 def test_train_defaults_are_the_recommended_settings(tmp_path):
-    """`hydralora train` uses TRAIN_ADAPTER_DEFAULTS over the paper's HydraLoraConfig defaults;
+    """`hydralora train` uses the recommended preset over HydraLoraConfig's own defaults;
     a flag or a YAML key given by the user wins."""
     from hydralora.cli import build_parser, train_config_from_args
-    from hydralora.config import TRAIN_ADAPTER_DEFAULTS, HydraLoraConfig
-    from hydralora.train.config import TrainConfig, adapter_config
+    from hydralora.config import PRESETS, HydraLoraConfig
+    from hydralora.train.config import TrainConfig
+    from hydralora.train.run import adapter_config
 
-    assert TRAIN_ADAPTER_DEFAULTS  # the study found settings better than the paper's
-    paper = HydraLoraConfig()
+    recommended = PRESETS["recommended"]
+    assert recommended.adapter  # the study found settings better than the paper's
+    plain = HydraLoraConfig()
     base = ["train", "--data", "x.jsonl", "--output", str(tmp_path / "o")]
     cfg = train_config_from_args(build_parser().parse_args(base))
     chosen = adapter_config(cfg)
-    for key, value in TRAIN_ADAPTER_DEFAULTS.items():
-        assert getattr(chosen, key) == value != getattr(paper, key)
+    assert cfg.preset == chosen.preset == "recommended"
+    for key, value in recommended.adapter.items():
+        assert getattr(chosen, key) == value != getattr(plain, key)
     assert adapter_config(TrainConfig(data=["x"], output="o")).init_heads == chosen.init_heads
     assert adapter_config(TrainConfig(data=["x"], output="o", adapter={"num_heads": 2})).init_heads == chosen.init_heads
     zero_router = train_config_from_args(build_parser().parse_args(base + ["--router-init", "zero"]))
@@ -182,7 +185,8 @@ def test_train_defaults_are_the_recommended_settings(tmp_path):
 
 def test_variant_name_lists_the_head_options():
     from hydralora.config import HydraLoraConfig
-    from hydralora.train.config import TrainConfig, variant_name
+    from hydralora.train.config import TrainConfig
+    from hydralora.train.run import variant_name
 
     cfg = TrainConfig(data=["x"], output="o", router_lr_multiplier=10)
     name = variant_name(cfg, HydraLoraConfig(num_heads=4, init_heads="random", head_dropout=0.3,
@@ -238,8 +242,8 @@ def test_every_cli_default_comes_from_its_dataclass():
 
 def test_commands_fill_unset_options_from_the_dataclass(tmp_path):
     from hydralora.cli import build_parser
-    from hydralora.clustering import ClusterOptions
-    from hydralora.eval.run import EvalOptions
+    from hydralora.commands.analyze import ClusterOptions
+    from hydralora.commands.evaluate import EvalOptions
     from hydralora.options import options_from_args
 
     args = build_parser().parse_args(["eval", "--data", "a.jsonl"])

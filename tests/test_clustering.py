@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hydralora.cluster_model import MODEL_JSON, MODEL_TENSORS
-from hydralora.clustering import (
+from hydralora.clustering.kmeans import MODEL_JSON, MODEL_TENSORS
+from hydralora.clustering.choose_k import (
     ClusterModel,
     ClusterModelError,
     KSelection,

@@ -17,10 +17,9 @@ from hydralora.base_models import (
 )
 from hydralora.cli import main
 from hydralora.errors import ConfigError
-from hydralora.eval.run import EvalOptions, GenerateOptions
-from hydralora.export import ExportOptions
-from hydralora.analysis import AnalyzeOptions
-from hydralora.clustering import ClusterOptions
+from hydralora.commands.analyze import AnalyzeOptions, ClusterOptions
+from hydralora.commands.evaluate import EvalOptions, GenerateOptions
+from hydralora.commands.export import ExportOptions
 from hydralora.train.config import TrainConfig
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from hydralora import ConfigError, HydraLoraConfig, HydraLoraLinear
+from hydralora import ConfigError, GateStats, HydraLoraConfig, HydraLoraLinear, RoutingContext, RoutingError
 
 VARIANTS = {
     "softmax": {},
@@ -116,9 +116,9 @@ def test_one_head_equals_peft_lora():
 
 
 def gates_of(layer, x):
-    layer.keep_gates = True
-    layer(x)
-    return layer.last_gates
+    with RoutingContext(keep_gates=True) as routing:
+        layer(x)
+    return routing.gates[layer]
 
 
 def test_gates_sum_to_one_and_modes():
@@ -157,28 +157,33 @@ def test_balance_loss_lowest_for_even_usage():
     even = torch.eye(4).repeat(25, 1) * 5.0  # each head chosen by a quarter of the tokens
     skewed = torch.zeros(100, 4)
     skewed[:, 0] = 5.0  # every token prefers head 0
-    from hydralora.router import balance_loss
+    from hydralora.routing.router import balance_loss
 
     loss_even = balance_loss(even, layer.config, None)
     loss_skewed = balance_loss(skewed, layer.config, None)
     assert loss_even.item() == pytest.approx(1.0, abs=1e-6)
     assert loss_skewed.item() > 2.0
-    # and it is kept on the module after a training forward, with a gradient to the router
+    # a training forward puts the weighted term into its routing context, with a gradient
     layer.train()
-    layer(torch.randn(8, 24))
-    assert layer.aux_loss is not None and layer.aux_loss.requires_grad
-    layer.aux_loss.backward()
+    with RoutingContext() as routing:
+        layer(torch.randn(8, 24))
+    aux = routing.balance_loss()
+    assert aux is not None and aux.requires_grad and len(routing.balance_terms) == 1
+    aux.backward()
     assert layer.router.grad is not None and layer.router.grad.abs().sum() > 0
+    # without a context there is nowhere to put it: an error, not a silently lost loss term
+    with pytest.raises(RoutingError, match="balance_loss_weight"):
+        layer(torch.randn(8, 24))
+    with torch.no_grad():  # but evaluation and no-grad forwards need none
+        layer(torch.randn(8, 24))
 
 
 def test_token_mask_limits_statistics():
-    from hydralora.layer import RouterStats
-
     layer = make_layer(num_heads=3)
-    layer.stats = RouterStats(3)
-    layer.token_mask = torch.tensor([True, False, True, False])
-    layer(torch.randn(4, 24))
-    assert layer.stats.tokens == 2
+    stats = GateStats()
+    with RoutingContext(token_mask=torch.tensor([[True, False, True, False]]), stats=stats):
+        layer(torch.randn(4, 24))
+    assert stats.by_layer[layer].tokens == 2
 
 
 def test_dropout_shared_by_heads_and_off_in_eval():
@@ -309,4 +314,5 @@ def test_every_head_diversity_option_starts_at_the_base_model(options):
     layer = make_layer(randomize=False, dropout=0.1, num_heads=4, **options)
     layer.train()
     x = torch.randn(6, 24)
-    assert torch.equal(layer(x), layer.base(x))
+    with RoutingContext():
+        assert torch.equal(layer(x), layer.base(x))

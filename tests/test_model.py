@@ -15,7 +15,7 @@ from hydralora import (
     HydraLoraLinear,
     add_hydralora,
     adapter_state_dict,
-    balance_loss,
+    RoutingContext,
     count_parameters,
     disable_adapter,
     hydralora_layers,
@@ -111,9 +111,10 @@ def test_training_lowers_loss_and_changes_only_adapter(tiny_llama, tiny_batch, b
     torch.manual_seed(0)
     losses = []
     for _ in range(30):
-        loss = tiny_llama(tiny_batch, labels=tiny_batch).loss
+        with RoutingContext() as routing:
+            loss = tiny_llama(tiny_batch, labels=tiny_batch).loss
         losses.append(loss.item())
-        aux = balance_loss(tiny_llama)
+        aux = routing.balance_loss()
         assert (aux is not None) == (balance > 0)
         if aux is not None:
             loss = loss + aux

@@ -9,9 +9,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import tiny_records, write_jsonl
-from hydralora import HydraLoraConfig, HydraLoraLinear
+from hydralora import GateStats, HydraLoraConfig, HydraLoraLinear, RoutingContext
 from hydralora.cli import main
-from hydralora.router import RouterStats, guide_loss
+from hydralora.routing.router import RouterStats, guide_loss
 
 OPTIONS = [
     {},
@@ -56,16 +56,16 @@ def test_training_forward_never_synchronizes_with_the_host(options):
     and example gates on, runs entirely on the 'meta' device: any .item()/.cpu()/float() or
     data-dependent shape would fail or be recorded."""
     layer = make_layer(device="meta", **options).train()
-    layer.stats = RouterStats(layer.num_heads, device="meta")
-    layer.token_mask = torch.ones(2, 5, dtype=torch.bool, device="meta")
-    layer.prompt_mask = torch.ones(2, 5, dtype=torch.bool, device="meta")
-    layer.track_example_gates = True
+    stats = GateStats()
+    mask = torch.ones(2, 5, dtype=torch.bool, device="meta")
     x = torch.randn(2, 5, 16, device="meta", requires_grad=True)
     with SyncRecorder() as recorder:
-        y = layer(x)
-        loss = y.sum() + (layer.aux_loss if layer.aux_loss is not None else 0)
+        with RoutingContext(token_mask=mask, prompt_mask=mask, stats=stats, example_gates=True) as routing:
+            y = layer(x)
+        loss = y.sum() + routing.aux_loss()
         loss.backward()
     assert recorder.found == []
+    assert bool(stats)  # the statistics were gathered (on the meta device)
 
 
 def test_the_recorder_catches_a_host_read():
@@ -83,13 +83,16 @@ def test_the_recorder_catches_a_host_read():
 def test_layer_compiles_as_one_graph(options):
     torch._dynamo.reset()
     layer = make_layer(**options).train()
-    layer.stats = RouterStats(layer.num_heads)
-    layer.token_mask = torch.ones(2, 5, dtype=torch.bool)
+    stats = GateStats()
+    mask = torch.ones(2, 5, dtype=torch.bool)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")  # forward and backward
     x = torch.randn(2, 5, 16, requires_grad=True)
-    compiled(x).sum().backward()
-    assert layer.lora_B.grad is not None and layer.stats.tokens == 10
-    assert torch._dynamo.explain(layer)(x).graph_break_count == 0
+    with RoutingContext(token_mask=mask, stats=stats) as routing:
+        y = compiled(x)
+    (y.sum() + routing.aux_loss()).backward()
+    assert layer.lora_B.grad is not None and stats.by_layer[layer].tokens == 10
+    with RoutingContext(token_mask=mask, stats=GateStats()):
+        assert torch._dynamo.explain(layer)(x).graph_break_count == 0
 
 
 def test_statistics_stay_on_the_gates_device_until_read():
@@ -103,20 +106,21 @@ def test_statistics_stay_on_the_gates_device_until_read():
 # ---------------------------------------------------------------------------- sequence routing
 def test_sequence_routing_gives_each_example_one_gate_vector_from_its_prompt():
     layer = make_layer(routing="sequence").eval()
-    layer.keep_gates = True
     x = torch.randn(2, 6, 16)
     prompt = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
-    layer.prompt_mask = prompt
-    y = layer(x)
-    gates = layer.last_gates.view(2, 6, 3)
+
+    def gates_for(inputs):
+        with RoutingContext(prompt_mask=prompt, keep_gates=True) as routing:
+            out = layer(inputs)
+        return out, routing.gates[layer].view(2, 6, 3)
+
+    y, gates = gates_for(x)
     assert torch.allclose(gates, gates[:, :1].expand_as(gates))  # one vector per example
     changed = x.clone()
     changed[0, 5] += 10  # a response token: the gates do not move
-    layer(changed)
-    assert torch.allclose(layer.last_gates.view(2, 6, 3), gates)
+    assert torch.allclose(gates_for(changed)[1], gates)
     changed[0, 0] += 10  # a prompt token: they do
-    layer(changed)
-    assert not torch.allclose(layer.last_gates.view(2, 6, 3)[0], gates[0])
+    assert not torch.allclose(gates_for(changed)[1][0], gates[0])
     assert y.shape == (2, 6, 12)
 
 
@@ -128,19 +132,19 @@ def test_sequence_routing_decodes_with_the_prompts_gates():
         layer.lora_B.normal_()
     prompt, new = torch.randn(2, 5, 16), torch.randn(2, 1, 16)
     full_mask = torch.tensor([[True] * 5 + [False]] * 2)
-    layer.prompt_mask = full_mask
-    full = layer(torch.cat([prompt, new], dim=1))
-    layer.prompt_mask = None
-    layer(prompt)  # prefill: the prompt alone
-    step = layer(new)  # decode step
+    with RoutingContext(prompt_mask=full_mask):
+        full = layer(torch.cat([prompt, new], dim=1))
+    with RoutingContext(generation=True):  # one generate call
+        layer(prompt)  # prefill: the prompt alone
+        step = layer(new)  # decode step
     torch.testing.assert_close(step[:, 0], full[:, 5])
 
 
 def test_top1_sequence_routing_is_one_head_per_example():
     layer = make_layer(routing="sequence", router="topk", top_k=1).eval()
-    layer.keep_gates = True
-    layer(torch.randn(3, 4, 16))
-    gates = layer.last_gates
+    with RoutingContext(keep_gates=True) as routing:
+        layer(torch.randn(3, 4, 16))
+    gates = routing.gates[layer]
     assert ((gates == 0) | (gates == 1)).all() and (gates.sum(-1) == 1).all()
 
 
@@ -151,8 +155,8 @@ def test_forced_gates_pick_one_head_per_example():
         layer.lora_B.normal_()
         layer.lora_A.normal_()
     x = torch.randn(2, 4, 16)
-    layer.forced_gates = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    y = layer(x)
+    with RoutingContext(forced_gates=torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])):
+        y = layer(x)
     for b, head in ((0, 1), (1, 2)):
         one_head = layer.base(x[b]) + x[b] @ layer.delta_weight(nn.functional.one_hot(
             torch.tensor(head), 3).float()).T
@@ -168,13 +172,14 @@ def test_oracle_config_has_no_router_and_checks_its_labels():
 def test_guide_loss_pulls_example_gates_toward_the_label():
     torch.manual_seed(0)
     layer = make_layer().train()
-    layer.track_example_gates = True
     x, labels = torch.randn(4, 5, 16), torch.tensor([0, 1, 2, 0])
     opt = torch.optim.SGD([layer.router], lr=1.0)
     losses = []
     for _ in range(20):
-        layer(x)
-        loss = guide_loss(layer.example_gates, labels)
+        with RoutingContext(labels=labels, example_gates=True) as routing:
+            layer(x)
+        loss = routing.guide_loss()
+        torch.testing.assert_close(loss, guide_loss(routing.example_probs[0], labels))
         losses.append(loss.item())
         opt.zero_grad()
         loss.backward()

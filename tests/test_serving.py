@@ -13,12 +13,12 @@ from transformers import AutoModelForCausalLM
 from conftest import write_jsonl
 from hydralora import load_adapter
 from hydralora.cli import main
-from hydralora.cluster_model import ClusterModel
-from hydralora.clustering import purity
+from hydralora.clustering.choose_k import purity
+from hydralora.clustering.kmeans import ClusterModel
 from hydralora.data import load_examples
 from hydralora.data.builtin import builtin_mixture
 from hydralora.export import merge_fixed
-from hydralora.routed import route_prompts
+from hydralora.routing.requests import route_prompts
 
 
 @pytest.fixture(scope="module")

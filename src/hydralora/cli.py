@@ -4,33 +4,30 @@ Every subcommand's flags are generated from one dataclass (`options.add_dataclas
 each default is written once, in that dataclass. Errors that come from the user's input
 (`errors.UserError`) print one clear message and exit with status 2, without a traceback
 unless --debug is given.
+
+Start-up is cheap: this module and the option dataclasses (`commands/`, `train/config.py`)
+import neither torch nor transformers; a command imports the code that carries it out when it
+runs (`COMMANDS` names it as "module:function"), so `--help`, `info` and `route` answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import importlib
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .analysis import AnalyzeOptions, run_analyze
-from .clustering import ClusterOptions, run_cluster
-from .config import TRAIN_ADAPTER_DEFAULTS, HydraLoraConfig
-from .data.builtin import BuiltinDataOptions, resolve_builtin, run_builtin_data
-from .demo import DemoOptions, run_demo
-from .dist import end_process_group
-from .errors import ConfigError, UserError, short
-from .eval.run import EvalOptions, GenerateOptions, run_eval, run_generate
-from .export import ExportOptions, run_export
-from .hub import PushOptions, push, resolve_adapter
-from .info import InfoOptions, run_info
-from .routed import RouteOptions, run_route
-from .model import CONFIG_NAME
-from .files import STORAGE_ERRNOS
+from .commands.analyze import AnalyzeOptions, ClusterOptions
+from .commands.demo import BuiltinDataOptions, DemoOptions
+from .commands.evaluate import EvalOptions, GenerateOptions
+from .commands.export import ExportOptions, RouteOptions
+from .commands.info import InfoOptions, PushOptions
+from .config import LEGACY_PRESET, PRESETS, HydraLoraConfig
+from .errors import ConfigError, TrainingInterrupted, UserError, short
+from .files import RUN_CONFIG, STORAGE_ERRNOS
 from .options import (
     add_dataclass_flags,
     coerce_values,
@@ -40,13 +37,22 @@ from .options import (
     read_yaml_config,
     split_fields,
 )
-from .train.config import RECORDED_RUN_DEFAULTS, TrainConfig, check_trainer_args
-from .train.output import RUN_CONFIG
-from .train.per_domain import train_domain_loras
-from .train.run import run_training
-from .train.trainer import TrainingInterrupted
+from .train.config import TrainConfig, check_trainer_args
 
-ADAPTER_SKIP = ("k_selection",)
+ADAPTER_SKIP = ("k_selection", "preset")  # written by the trainer; --preset is a run option
+
+
+def run_target(target: str, *args: Any) -> Any:
+    """Call "package.module:function" (imported now, not when the parser is built)."""
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)(*args)
+
+
+def preset_help() -> dict[str, str]:
+    """What the adapter flags' help shows as their default: the presets' values, where they set one."""
+    keys = {k for p in PRESETS.values() for k in p.adapter}
+    return {k: "from --preset (" + ", ".join(f"{n}: {p.adapter.get(k, 'as below')}"
+                                            for n, p in PRESETS.items()) + ")" for k in sorted(keys)}
 
 
 def int_or_auto(value: str) -> int | str:
@@ -71,7 +77,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                         "lists, {json}); repeatable; YAML config: a `trainer:` mapping")
     # --adapter-rank: torchrun's own parser mistakes a bare --r for its --rdzv-* options
     add_dataclass_flags(p, HydraLoraConfig, skip=ADAPTER_SKIP, types_override={"num_heads": int_or_auto},
-                        aliases={"r": ["--adapter-rank"]}, defaults=TRAIN_ADAPTER_DEFAULTS)
+                        aliases={"r": ["--adapter-rank"]}, defaults=preset_help())
     p.set_defaults(func=cmd_train)
 
 
@@ -101,9 +107,10 @@ def trainer_section(values: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults < the run's recorded config (--resume) < --config YAML < flags given; the
-    trainer arguments merge key by key in the same order."""
-    known = known_fields(TrainConfig, HydraLoraConfig) - {"adapter", *ADAPTER_SKIP}
+    """Defaults < the preset < the run's recorded config (--resume) < --config YAML < flags
+    given; the trainer arguments merge key by key in the same order. A recorded run without a
+    preset predates presets: it was trained with the paper's values."""
+    known = known_fields(TrainConfig, HydraLoraConfig) - {"adapter", "k_selection"}
     values: dict[str, Any] = {}
     trainer_args: dict[str, Any] = {}
     given = {k: v for k, v in vars(args).items() if k in known and k != "trainer_args"}
@@ -111,8 +118,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     if given.get("resume") and not output:
         raise ConfigError("--resume needs --output DIR: the folder of the run to continue")
     if given.get("resume") and output and (Path(output) / RUN_CONFIG).exists():
-        values.update(RECORDED_RUN_DEFAULTS)
         recorded = read_yaml_config(Path(output) / RUN_CONFIG, known)
+        recorded.setdefault("preset", LEGACY_PRESET)
         if recorded.get("trust_remote_code") is True and "trust_remote_code" not in given:
             raise ConfigError(
                 f"{Path(output) / RUN_CONFIG} records trust_remote_code: true (model "
@@ -135,59 +142,48 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         values["bf16"] = str(values["bf16"]).lower()
     values = coerce_values(values, TrainConfig, HydraLoraConfig)
     run, adapter = split_fields(values, TrainConfig, HydraLoraConfig)
+    run["preset"] = adapter.pop("preset", None) or run.get("preset") or TrainConfig.preset
     num_heads = adapter.get("num_heads")
     if num_heads != "auto":  # validate adapter settings before any slow work
-        HydraLoraConfig(**{**TRAIN_ADAPTER_DEFAULTS, **adapter})
+        HydraLoraConfig.from_preset(run["preset"], **adapter)
     elif run.get("method", "hydralora") == "lora":
         raise ConfigError("--num-heads auto applies to --method hydralora and lora-split only")
     return TrainConfig(**run, adapter=adapter)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = train_config_from_args(args)  # a bad flag or file fails here, before torch loads
     try:
-        run_training(train_config_from_args(args))
+        run_target("hydralora.train.run:run_training", cfg)
     finally:
-        end_process_group()
+        run_target("hydralora.dist:end_process_group")
     return 0
 
 
 # ---------------------------------------------------------------------------- other commands
-def cmd_analyze(opts: AnalyzeOptions) -> None:
-    """Analyze an adapter; first train the per-domain LoRAs when asked to."""
-    opts = dataclasses.replace(opts, adapter=str(resolve_adapter(opts.adapter)))  # a hub id: its snapshot
-    data = resolve_builtin(opts.data, Path(opts.output) / "data", "test")
-    loras = opts.domain_loras()
-    if loras is None and opts.per_domain_steps > 0:
-        adapter = HydraLoraConfig.from_json_file(Path(opts.adapter) / CONFIG_NAME)
-        extra = {"batch_size": opts.batch_size, "lr": opts.lr, "skip_overlong": True, "max_length": 256}
-        loras = {d: str(p) for d, p in train_domain_loras(
-            opts.model, data, Path(opts.output), opts.per_domain_steps, opts.seed,
-            adapter.target_modules, adapter.r, extra).items()}
-    run_analyze(opts, data, loras)
-
-
+# name, options, what runs it ("module:function", imported when the command runs);
 # `data builtin` is added as a sub-subcommand in build_parser
-COMMANDS: list[tuple[str, type, Callable[[Any], Any]]] = [  # name, options, what runs it
-    ("generate", GenerateOptions, run_generate),
-    ("eval", EvalOptions, run_eval),
-    ("export", ExportOptions, run_export),
-    ("route", RouteOptions, run_route),
-    ("analyze", AnalyzeOptions, cmd_analyze),
-    ("cluster", ClusterOptions, run_cluster),
-    ("info", InfoOptions, run_info),
-    ("push", PushOptions, push),
-    ("demo", DemoOptions, run_demo),
+COMMANDS: list[tuple[str, type, str]] = [
+    ("generate", GenerateOptions, "hydralora.eval.run:run_generate"),
+    ("eval", EvalOptions, "hydralora.eval.run:run_eval"),
+    ("export", ExportOptions, "hydralora.export:run_export"),
+    ("route", RouteOptions, "hydralora.routing.requests:run_route"),
+    ("analyze", AnalyzeOptions, "hydralora.analysis:run_analyze_command"),
+    ("cluster", ClusterOptions, "hydralora.clustering.choose_k:run_cluster"),
+    ("info", InfoOptions, "hydralora.info:run_info"),
+    ("push", PushOptions, "hydralora.hub:push"),
+    ("demo", DemoOptions, "hydralora.demo:run_demo"),
 ]
 
 
 def add_options_parser(sub: argparse._SubParsersAction, name: str, cls: type,
-                       run: Callable[[Any], Any]) -> argparse.ArgumentParser:
+                       run: str) -> argparse.ArgumentParser:
     doc = (cls.__doc__ or name).strip().rstrip(".")
     p = sub.add_parser(name, help=doc[:1].lower() + doc[1:])
     add_dataclass_flags(p, cls)
 
     def call(args: argparse.Namespace) -> int:
-        run(options_from_args(cls, args))
+        run_target(run, options_from_args(cls, args))
         return 0
 
     p.set_defaults(func=call, options=cls)
@@ -207,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_options_parser(sub, name, cls, run)
     data = sub.add_parser("data", help="data utilities")
     add_options_parser(data.add_subparsers(dest="data_command", required=True), "builtin",
-                       BuiltinDataOptions, run_builtin_data)
+                       BuiltinDataOptions, "hydralora.data.builtin:run_builtin_data")
     return parser
 
 

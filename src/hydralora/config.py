@@ -1,7 +1,18 @@
-"""HydraLoraConfig: the one source of HydraLoRA defaults, their validation and the JSON form.
+"""HydraLoraConfig and the named presets: the one source of HydraLoRA's defaults, their
+validation and the JSON form.
 
-Defaults follow the paper and the authors' code: rank 8, alpha 16,
-dropout 0.05, a dense softmax router on the layer input x, one shared A, no balance loss.
+The field defaults are the method as published (rank 8, alpha 16, dropout 0.05, 4 heads on the
+MLP projections, a dense softmax router on the layer input x, one shared A, zero heads, no
+balance loss). A preset names a whole recipe on top of them, adapter and training together:
+
+    paper        the authors' recipe: alpha 32 for every rank (their scripts), router lr x1,
+                 max length 1024, lr 2e-4 cosine with 3% warmup, weight decay 0, one epoch
+    recommended  what `hydralora train` uses: random heads (A = 0) and the router at 10x the
+                 learning rate, the best setting of the head-diversity study (docs/results.md)
+
+`HydraLoraConfig.from_preset(name, **changes)` builds one from Python, `--preset NAME` from the
+command line; the name is saved with the adapter (`preset` in adapter_config.json) and with the
+run (train_config.yaml), so resuming or reloading never guesses a default.
 """
 
 from __future__ import annotations
@@ -22,6 +33,32 @@ ROUTER_INPUTS = ("x", "a")
 HEAD_INITS = ("zero", "random")
 ROUTER_INITS = ("kaiming", "zero")
 ROUTINGS = ("token", "sequence", "oracle")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named recipe: HydraLoraConfig values and training values (TrainConfig fields) that
+    differ from the fields' own defaults."""
+
+    name: str
+    adapter: dict[str, Any]
+    training: dict[str, Any]
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset("paper", adapter={"alpha": 32.0, "init_heads": "zero"},
+           training={"router_lr_multiplier": 1.0, "max_length": 1024}),
+    Preset("recommended", adapter={"init_heads": "random"},
+           training={"router_lr_multiplier": 10.0, "max_length": 512}),
+)}
+DEFAULT_PRESET = "recommended"  # hydralora train's
+LEGACY_PRESET = "paper"  # what a run or adapter recorded before presets existed was trained with
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ConfigError(f"preset {short(name)}: choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
 
 # Keys that `save_adapter` adds to adapter_config.json beside the config fields.
 METADATA_KEYS = ("peft_type", "base_model_name_or_path", "hydralora_version", "format_version")
@@ -81,6 +118,9 @@ class HydraLoraConfig:
     (filled in by the trainer from the data's domains or k-means clusters)."""
     k_selection: dict[str, Any] | None = None
     """How num_heads was chosen when it was chosen automatically (written by the trainer)."""
+    preset: str | None = None
+    """The preset these values started from (paper, recommended), or None: set by from_preset
+    and recorded with the adapter; integrations read the preset's training values from it."""
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):
@@ -133,6 +173,8 @@ class HydraLoraConfig:
                 "with init_heads='zero' a zero router gives every head the same update forever; "
                 "use router_init='kaiming', init_heads='random' or head_dropout > 0",
             )
+        if self.preset is not None:
+            get_preset(self.preset)
         if self.routing not in ROUTINGS:
             raise bad("routing", f"unknown routing; choose one of {', '.join(ROUTINGS)}")
         if self.route_labels is not None and (
@@ -151,6 +193,15 @@ class HydraLoraConfig:
                 raise bad("target_modules", f"not a valid regular expression ({err})") from None
         elif not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
             raise bad("target_modules", "give a non-empty list of module names or one regex")
+
+    @classmethod
+    def from_preset(cls, name: str, **changes: Any) -> HydraLoraConfig:
+        """The preset's values, then `changes` on top (HydraLoraConfig.from_preset("paper", r=4))."""
+        return cls(**{**get_preset(name).adapter, **changes, "preset": name})
+
+    def preset_training(self, key: str, default: Any) -> Any:
+        """A training value of this config's preset (router_lr_multiplier, ...), else `default`."""
+        return get_preset(self.preset).training.get(key, default) if self.preset else default
 
     @property
     def scaling(self) -> float:
@@ -201,8 +252,4 @@ class HydraLoraConfig:
         return cls.from_dict(data, source=str(path))
 
 
-__all__ = ["ConfigError", "HydraLoraConfig", "read_json_object"]
-
-TRAIN_ADAPTER_DEFAULTS: dict[str, Any] = {"init_heads": "random"}
-"""Where training departs from HydraLoraConfig's defaults (the paper's): the best setting of the
-head-diversity study in docs/results.md. Flags, YAML keys and `adapter=` values override it."""
+__all__ = ["PRESETS", "ConfigError", "HydraLoraConfig", "Preset", "get_preset", "read_json_object"]

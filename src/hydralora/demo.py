@@ -4,14 +4,13 @@ per-domain held-out loss before and after, and one generated answer per domain."
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from .base_models import DEFAULT_MODEL
+from .commands.common import DEFAULT_MODEL
+from .commands.demo import DemoOptions
 from .data import Example, load_examples
 from .eval.generation import generate
 from .eval.loss import loss_table
-from .options import check_ranges
 from .train.config import TrainConfig
 from .train.run import run_training
 
@@ -30,21 +29,6 @@ DEMO_SETTINGS = {
     "overwrite": True,
     "skip_overlong": True,
 }
-
-
-@dataclass
-class DemoOptions:
-    """A short real fine-tune of SmolLM2 on the built-in mixture, with results printed."""
-
-    output: str = "runs/demo"
-    """Run directory."""
-    max_steps: int = 6
-    """Optimizer steps (8 examples each)."""
-    method: str = field(default="hydralora", metadata={"choices": ("hydralora", "lora")})
-    """hydralora, or lora (the PEFT LoRA baseline)."""
-
-    def __post_init__(self) -> None:
-        check_ranges(self, {"max_steps": ">=1"})
 
 
 def run_demo(opts: DemoOptions | None = None) -> dict:

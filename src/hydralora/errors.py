@@ -40,6 +40,15 @@ class TrainingError(UserError, RuntimeError):
     """A run cannot start or continue; the message says why and what to do."""
 
 
+class TrainingInterrupted(TrainingError):
+    def __init__(self, step: int, checkpoint: object):
+        self.step = step
+        super().__init__(
+            f"interrupted at step {step}; checkpoint saved at {checkpoint}. "
+            "Continue with the same command plus --resume."
+        )
+
+
 class StorageError(UserError, OSError):
     """A file could not be written (disk full, quota, read-only): the message names the path."""
 

@@ -27,12 +27,19 @@ import torch
 from peft import get_peft_model
 from torch import nn
 
-from .base_models import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MODEL, QUANTIZE_MODES, check_placement
-from .data import DEFAULT_MAX_LENGTH, load_examples, tokenize_examples
+from .clustering.kmeans import ClusterModel
+from .commands.common import EXPORT_FORMATS, GROUPINGS
+from .commands.export import ExportOptions
+from .data import load_examples, tokenize_examples
 from .errors import ConfigError
 from .eval.loss import domain_losses
-from .files import check_output_dir, staged_dir
-from .gates import (  # noqa: F401  (the gate helpers are part of this module's interface)
+from .files import SPLIT_FILE, check_output_dir, staged_dir, write_json
+from .hub import resolve_adapter
+from .info import adapter_kind
+from .methods import load_model_with_adapter
+from .methods.lora_split import load as load_routed
+from .model import hydralora_layers, remove_hydralora
+from .routing.fixed import (  # noqa: F401  (the gate helpers are part of this module's interface)
     check_gate_vector,
     fixed_gate_lora_config,
     gates_from_file,
@@ -41,47 +48,7 @@ from .gates import (  # noqa: F401  (the gate helpers are part of this module's 
     resolve_gates,
     unmerge_all,
 )
-from .hub import resolve_adapter
-from .methods import adapter_kind, load_model_with_adapter
-from .methods.lora_split import load as load_routed
-from .model import hydralora_layers, remove_hydralora
-from .options import check_ranges
-from .routed import GROUPINGS, export_routed, group_examples, per_group_gates
-
-FORMATS = ("peft-lora", "merged")
-
-
-@dataclass
-class ExportOptions:
-    """Export a HydraLoRA adapter as a PEFT LoRA or a merged model."""
-
-    adapter: str = field(default="", metadata={"required": True})
-    """HydraLoRA adapter directory."""
-    output: str = field(default="", metadata={"required": True})
-    """Directory to write (refused if it exists and is not empty, unless --overwrite)."""
-    model: str = DEFAULT_MODEL
-    """Base model: hub id, local directory, .gguf file, or built-in name."""
-    format: str = field(default="peft-lora", metadata={"choices": FORMATS})
-    """peft-lora (a PEFT LoRA directory) or merged (a full transformers model)."""
-    gates: str = "uniform"
-    """uniform | mean | domain=NAME | a JSON file {layer: [g...]}; or per-domain | per-cluster:
-    one PEFT LoRA per group of --data plus a request router (for vLLM's multi-LoRA)."""
-    data: list[str] | None = None
-    """Calibration / held-out file(s)."""
-    overwrite: bool = False
-    """Allow replacing a non-empty --output."""
-    max_length: int = DEFAULT_MAX_LENGTH
-    """Tokens per calibration example."""
-    device: str = DEFAULT_DEVICE
-    """Where the calibration runs: auto (the GPU when there is one), cpu, cuda or cuda:N."""
-    dtype: str = DEFAULT_DTYPE
-    """Dtype of the base weights (and of a merged export): auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or float16."""
-    quantize: str = field(default="none", metadata={"choices": QUANTIZE_MODES})
-    """Calibrate on a bitsandbytes-quantized base: none, 4bit or 8bit (peft-lora format only)."""
-
-    def __post_init__(self) -> None:
-        check_ranges(self, {"max_length": ">=1"})
-        check_placement(self.device, self.dtype, self.quantize)
+from .routing.requests import group_examples
 
 
 def export_peft_lora(model: nn.Module, gates: dict[str, torch.Tensor], output: str | Path,
@@ -134,8 +101,8 @@ def _write_report(folder: Path, report: dict[str, Any] | None, gates: dict[str, 
 def run_export(opts: ExportOptions) -> dict:
     """The `hydralora export` command: resolve gates, report the cost of fixing them, export."""
     opts = dataclasses.replace(opts, adapter=str(resolve_adapter(opts.adapter)))  # a hub id: its snapshot
-    if opts.format not in FORMATS:
-        raise ConfigError(f"--format {opts.format!r}: choose one of {', '.join(FORMATS)}")
+    if opts.format not in EXPORT_FORMATS:
+        raise ConfigError(f"--format {opts.format!r}: choose one of {', '.join(EXPORT_FORMATS)}")
     if adapter_kind(opts.adapter) != "hydralora":
         raise ConfigError(f"{opts.adapter}: export takes a HydraLoRA adapter (PEFT adapters need no export)")
     if opts.gates in GROUPINGS and (opts.format != "peft-lora" or not opts.data):
@@ -219,3 +186,46 @@ def export_per_group(opts: ExportOptions, model: nn.Module, pad_token_id: int,
               "their own domain's adapter")
     print(f"wrote {len(names)} PEFT LoRAs ({', '.join(names)}) and the request router to {output}")
     return report
+
+
+# ---------------------------------------------------------------------------- per-request exports
+def export_routed(model: nn.Module, names: list[str], gates: list[dict[str, torch.Tensor]],
+                  router: ClusterModel, output: Path, base_model_name: str, how: str,
+                  overwrite: bool = False, report: dict[str, Any] | None = None) -> Path:
+    """Write one PEFT LoRA per group (its fixed gates) and the router. Consumes the HydraLoRA
+    layers: `model` is the plain base model afterwards."""
+    layers = hydralora_layers(model)
+    factors = [{n: layer.fixed_gate_factors(g[n]) for n, layer in layers.items()} for g in gates]
+    lora = fixed_gate_lora_config(layers)
+    rank, scaling = lora.r, lora.lora_alpha / lora.r  # the HydraLoRA scaling alpha / r
+    with staged_dir(output, overwrite) as tmp:
+        remove_hydralora(model)
+        peft_model = get_peft_model(model, lora, adapter_name=names[0])
+        for name in names[1:]:
+            peft_model.add_adapter(name, lora)
+        with torch.no_grad():
+            for name, group in zip(names, factors):
+                for module_name, (b_eff, a_eff) in group.items():
+                    module = peft_model.base_model.model.get_submodule(module_name)
+                    module.lora_A[name].weight.copy_(a_eff)
+                    module.lora_B[name].weight.copy_(b_eff)
+        for name in names:
+            peft_model.peft_config[name].base_model_name_or_path = base_model_name
+        peft_model.save_pretrained(tmp)  # one subfolder per adapter (none is named 'default')
+        peft_model.unload()
+        router.save(tmp)
+        write_json(tmp / SPLIT_FILE, {
+            "peft_type": "LORA_SPLIT", "made_by": how, "k": len(names), "ranks": [rank] * len(names),
+            "cluster_sizes": (report or {}).get("group_sizes"), "alpha": lora.lora_alpha,
+            "scaling": [scaling] * len(names), "adapters": names,
+            "base_model_name_or_path": base_model_name})
+        with open(tmp / "hydralora_export.json", "w") as f:
+            json.dump({**(report or {}), "gates_per_group": {
+                n: {layer: g[layer].tolist() for layer in g} for n, g in zip(names, gates)}}, f, indent=1)
+    return output
+
+
+def per_group_gates(model: nn.Module, groups: list[list[dict[str, Any]]],
+                    pad_token_id: int) -> list[dict[str, torch.Tensor]]:
+    """For each group: per layer, the router's mean gates over the group's tokens."""
+    return [mean_gates(model, group, pad_token_id) for group in groups]

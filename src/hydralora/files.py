@@ -28,6 +28,13 @@ import yaml
 from .errors import ConfigError, StorageError, TrainingError
 
 MANIFEST = ".hydralora-manifest.json"
+# the files of an adapter folder (PEFT's names) and of the other folders this package writes
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+SPLIT_FILE = "lora_split.json"  # a LoRA-Split (or per-request export) folder
+ROUTER_STATS = "router_stats.json"
+RUN_CONFIG = "train_config.yaml"  # every option of a training run
+SUMMARY = "summary.json"  # what a training run measured
 LOCK_NAME = ".hydralora.lock"
 YAML_MAX_BYTES = 1 << 20
 # errors that mean "this storage cannot take the file", not a bug

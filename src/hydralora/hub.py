@@ -22,18 +22,15 @@ import yaml
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
+from .commands.common import looks_like_hub_id
+from .commands.info import PushOptions
 from .errors import AdapterError, ConfigError
 from .files import read_manifest, record_written, write_text
 
 CARD_NAME = "README.md"
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 PUSH_IGNORE = ["checkpoints/*", "checkpoints", ".hydralora*", "data/*", "*.tmp", "**/.*"]
 # the built-in names' hub ids, for the card's metadata
 BUILTIN_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-
-
-def looks_like_hub_id(name: str) -> bool:
-    return bool(HUB_ID.match(name)) and not name.startswith((".", "/", "~"))
 
 
 def resolve_adapter(name: str | os.PathLike) -> Path:
@@ -163,24 +160,6 @@ def write_model_card(folder: str | os.PathLike, record: bool = False) -> bool:
 
 
 # ---------------------------------------------------------------------------- push
-@dataclass
-class PushOptions:
-    """Upload an adapter folder to the Hugging Face Hub."""
-
-    folder: str = field(default="", metadata={"positional": True})
-    """Adapter folder (written by hydralora train or export)."""
-    repo: str = field(default="", metadata={"positional": True})
-    """Hub repository id, owner/name (created if missing)."""
-    private: bool = False
-    """Create the repository as private."""
-    revision: str | None = None
-    """Branch to push to (default: main)."""
-    commit_message: str = "Upload HydraLoRA adapter"
-    """Commit message."""
-
-    def __post_init__(self) -> None:
-        if self.repo and not looks_like_hub_id(self.repo.split("@")[0]):
-            raise ConfigError(f"REPO {self.repo!r}: give a hub repository id like owner/name")
 
 
 def push_plan(opts: PushOptions) -> dict[str, Any]:

@@ -9,9 +9,18 @@
 
 The heads are not looped over. With B_cat = [B_1 ... B_k] (out x k*r) and
 z = (g (outer) A x) flattened to k*r values per token, sum_i g_i B_i A x = B_cat z: one GEMM
-for all heads, and A x is computed once (together with the router logits when dropout is off).
-No (tokens x k x out) tensor is ever formed; the scaling alpha/r is folded into the k gates
-rather than applied to the (tokens x out) output.
+for all heads, and A x is computed once. No (tokens x k x out) tensor is ever formed.
+
+Two paths compute it. The common configuration (softmax router on x, per-token routing, one
+shared A, nothing forced, no loss term from the router) runs as one autograd Function with a
+hand-written backward (`fused.HydraFused`: the fewest kernels, the frozen W0 x included when
+the base is a plain nn.Linear). Every other mode (top-k, uniform, sequence and oracle routing,
+routing on A x, one A per head, head dropout, balance and guide losses, forced gates) runs
+through plain autograd below; both equal the per-head formula (tests/test_layer.py).
+
+A layer holds parameters and configuration only. What a forward needs from its batch (masks,
+forced gates, labels) and what it yields besides the output (loss terms, statistics, gates)
+travel in the routing context installed around the forward (`routing.context`).
 """
 
 from __future__ import annotations
@@ -25,12 +34,14 @@ from torch import nn
 
 from .config import HydraLoraConfig
 from .errors import ConfigError
-from .router import (
-    RouterStats,
+from .fused import fused_forward
+from .routing.context import RoutingContext, RoutingError, active_routing, in_backward
+from .routing.router import (
     balance_loss,
     example_means,
     gates_from_logits,
     pool_sequence,
+    probabilities,
 )
 
 try:  # GPT-2 style Conv1D (y = x W + b with W stored as in x out)
@@ -39,6 +50,23 @@ except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = ()  # type: ignore[assignment,misc]
 
 SUPPORTED_BASE_TYPES = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
+
+FUSED_UNDER_COMPILE = True
+"""Whether torch.compile traces the fused Function (True) or the plain autograd path (False);
+chosen by benchmarks/layer_speed.py --compile (docs/benchmarks.md)."""
+
+
+def _autocast_on(device_type: str) -> bool:
+    """torch.is_autocast_enabled for the devices autocast knows (the meta device is not one)."""
+    return device_type in ("cpu", "cuda", "xpu", "mps", "hpu") and torch.is_autocast_enabled(device_type)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling `module` runs hooks (DeepSpeed ZeRO-3 gathers weights in them)."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
 
 
 class HydraLoraLinear(nn.Module):
@@ -50,14 +78,8 @@ class HydraLoraLinear(nn.Module):
       router: (k, in) routing on x, or (k, r) / (k, k*r) routing on A x; absent when k = 1 or
               the router is 'uniform'
 
-    Side values stay on the module: `aux_loss` (balance loss of the last training forward when
-    balance_loss_weight > 0), `stats` (RouterStats while recording), `last_gates` (when
-    `keep_gates` is set), `example_gates` (per-example mean router probabilities (B, k) of the
-    last forward, with gradient, when `track_example_gates` is set: what the guide loss pulls).
-    Inputs set by the caller for the next forwards: `token_mask` (bool, the leading shape: real
-    tokens, so padding is left out of the balance loss and statistics), `prompt_mask` ((B, T)
-    bool: the tokens that sequence routing pools), `forced_gates` ((B, k): every token of
-    example b gets these gates; oracle routing).
+    Batch inputs and side outputs (masks, forced gates, balance loss terms, statistics) are
+    not attributes: they travel in the routing context (`hydralora.RoutingContext`).
     """
 
     def __init__(self, base: nn.Module, config: HydraLoraConfig):
@@ -92,16 +114,11 @@ class HydraLoraLinear(nn.Module):
         self.merged_gates: torch.Tensor | None = None
         self._original_weight: torch.Tensor | None = None
         self.disabled = False
-        self.aux_loss: torch.Tensor | None = None
-        self.stats: RouterStats | None = None
-        self.keep_gates = False
-        self.last_gates: torch.Tensor | None = None
-        self.token_mask: torch.Tensor | None = None
-        self.prompt_mask: torch.Tensor | None = None
-        self.forced_gates: torch.Tensor | None = None
-        self.track_example_gates = False
-        self.example_gates: torch.Tensor | None = None
-        self._sequence_gates: torch.Tensor | None = None  # (B, k) of the prompt, for decoding
+        cfg = config
+        # the common configuration, computed by the fused Function (see the module docstring)
+        self.fusable = (config.has_router and cfg.router == "softmax" and cfg.router_input == "x"
+                        and cfg.routing == "token" and cfg.shared_a and cfg.head_dropout == 0
+                        and cfg.router_temperature == 1.0)
         self.reset_parameters()
 
     @classmethod
@@ -134,88 +151,79 @@ class HydraLoraLinear(nn.Module):
         names = ("lora_A", "lora_B", "router")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
-    # ------------------------------------------------------------------ routing
-    def _weight(self, n: int) -> torch.Tensor | None:
-        """(N,) 1 for real tokens, 0 for padding; None when no token mask fits."""
-        m = self.token_mask
-        if m is None or m.numel() != n:
-            return None
-        return m.reshape(n)
-
-    def _logits(self, x: torch.Tensor, h: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
-        """Router logits: per token (N, k), or per example (B, k) with sequence routing."""
-        source = x if self.config.router_input == "x" else h
-        if self.config.routing == "sequence":
-            source = pool_sequence(source, lead, self.prompt_mask)  # (B, d)
-        return F.linear(source.to(self.router.dtype), self.router)
-
-    def _sequence_to_tokens(self, gates: torch.Tensor, n: int) -> torch.Tensor:
-        """Expand per-example gates (B, k) to every token (N, k), N = B*T."""
-        return gates.repeat_interleave(n // gates.shape[0], dim=0)
-
-    def _gates(self, x: torch.Tensor, h: torch.Tensor, lead: tuple[int, ...],
-               logits: torch.Tensor | None) -> torch.Tensor:
-        """Per-token head weights in float32, (N, k); each row sums to 1."""
-        cfg, k, n = self.config, self.num_heads, x.shape[0]
-        forced = self.forced_gates
-        if forced is not None and forced.shape[0] * (n // max(forced.shape[0], 1)) == n:
-            return self._sequence_to_tokens(forced.to(h.device, torch.float32), n)
-        if not cfg.has_router:  # k == 1, uniform router, or oracle without labels
-            return torch.full((n, k), 1.0 / k, device=h.device, dtype=torch.float32)
-        cached = self._sequence_gates
-        if cfg.routing == "sequence" and not self.training and len(lead) > 1 and lead[-1] == 1 \
-                and cached is not None and cached.shape[0] == lead[0]:
-            return self._sequence_to_tokens(cached, n)  # a decoding step: the prompt's gates
-        if logits is None:
-            logits = self._logits(x, h, lead)
-        gates = gates_from_logits(logits, cfg, self.training)  # (N, k) or (B, k)
-        weight = self._weight(n)
-        if self.track_example_gates:  # the router's probabilities, before top-k and head dropout
-            probs = (logits.float() / cfg.router_temperature).softmax(-1)
-            sequence = cfg.routing == "sequence"
-            self.example_gates = probs if sequence else example_means(probs, lead, weight)
-        if self.training and cfg.balance_loss_weight > 0:
-            self.aux_loss = balance_loss(logits, cfg, None if cfg.routing == "sequence" else weight)
-        if cfg.routing == "sequence":
-            self._sequence_gates = None if self.training else gates.detach()
-            gates = self._sequence_to_tokens(gates, n)
-        return gates
-
-    def _record(self, gates: torch.Tensor) -> None:
-        weight = self._weight(gates.shape[0])
-        if self.stats is not None:
-            self.stats.add(gates, weight)
-        if self.keep_gates:  # an inspection aid, off the training path
-            g = gates.detach()
-            self.last_gates = (g if weight is None else g[weight.bool()]).float().cpu()
-
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base(x)
         if self.disabled or self.merged_gates is not None:
-            return result
+            return self.base(x)
+        ctx = active_routing()
+        if ctx is None and self._needs_context() and in_backward():
+            raise RoutingError(
+                "activation checkpointing repeats this forward in backward without its routing "
+                "context: enable it with gradient_checkpointing_kwargs="
+                "hydralora.routing.context.checkpoint_kwargs(), or call "
+                "hydralora.routing.context.route_checkpointing(model) after enabling it")
         lead = tuple(x.shape[:-1])
         x2 = x.reshape(-1, self.in_features)  # (N, in)
-        if x2.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(x2.device.type):
+        weight = ctx.token_weight(x2.shape[0]) if ctx is not None else None  # checks its size
+        autocast = _autocast_on(x2.device.type)
+        if self._use_fused(ctx, x2, autocast):
+            c = torch.get_autocast_dtype(x2.device.type) if autocast else x2.dtype
+            p = self.config.dropout if self.training else 0.0
+            own = self._owns_base()
+            base_out = None if own else self.base(x).reshape(-1, self.out_features).to(c)
+            y, gates = fused_forward(x2, base_out, self.base.weight if own else None,
+                                     self.base.bias if own else None, self.lora_A, self.router,
+                                     self.lora_B, self.scaling, p, c)
+            if ctx is not None:
+                ctx.record(self, gates, weight)
+            return y.view(*lead, self.out_features)
+        result = self.base(x)
+        if x2.dtype != self.lora_A.dtype and not autocast:
             x2 = x2.to(self.lora_A.dtype)
-        delta = self._delta(x2, lead)  # (N, out)
+        delta = self._delta(x2, lead, ctx, weight)  # (N, out)
         return result + delta.view(*lead, self.out_features).to(result.dtype)
 
-    def _delta(self, x: torch.Tensor, lead: tuple[int, ...] = ()) -> torch.Tensor:
+    def _needs_context(self) -> bool:
+        """Whether a training forward's output or loss terms depend on the routing context."""
+        cfg = self.config
+        return cfg.routing != "token" or (self.training and cfg.balance_loss_weight > 0)
+
+    def _use_fused(self, ctx: RoutingContext | None, x: torch.Tensor, autocast: bool) -> bool:
+        """The common configuration, and a batch that asks nothing else of the router."""
+        if not self.fusable or (self.training and self.config.balance_loss_weight > 0):
+            return False
+        if ctx is not None and (ctx.forced_gates is not None or ctx.example_gates):
+            return False
+        if torch.compiler.is_compiling() and not FUSED_UNDER_COMPILE:
+            return False
+        return autocast or x.dtype == self.lora_A.dtype
+
+    def _owns_base(self) -> bool:
+        """Whether the fused Function may compute W0 x + b itself: a plain frozen nn.Linear
+        whose call runs no hooks (ZeRO-3 and others gather or change weights in them)."""
+        base = self.base
+        return (type(base) is nn.Linear and not base.weight.requires_grad
+                and base.weight.dtype.is_floating_point and not _hooked(base)
+                and not hasattr(base.weight, "ds_id"))
+
+    def _delta(self, x: torch.Tensor, lead: tuple[int, ...], ctx: RoutingContext | None,
+               weight: torch.Tensor | None) -> torch.Tensor:
         """(alpha/r) * sum_i g_i B_i A dropout(x) for x of shape (N, in); returns (N, out)."""
-        cfg, k, r = self.config, self.num_heads, self.r
-        n = x.shape[0]
-        lead = lead or (n,)
-        fuse = (self.router is not None and cfg.router_input == "x" and cfg.routing == "token"
-                and self.forced_gates is None and not (self.training and cfg.dropout > 0))
-        logits = None
-        if fuse:  # one GEMM for A and the router: (N, in) @ (in, a_rows + k)
-            ha = F.linear(x, torch.cat([self.lora_A, self.router]))
-            h, logits = ha.split([self.a_rows, k], dim=-1)  # (N, a_rows), (N, k)
-        else:
-            h = F.linear(self.dropout(x), self.lora_A)  # (N, a_rows)
-        gates = self._gates(x, h, lead, logits)  # (N, k) float32
-        self._record(gates)
+        cfg, k, r, n = self.config, self.num_heads, self.r, x.shape[0]
+        h = F.linear(self.dropout(x), self.lora_A)  # (N, a_rows)
+        given = ctx.given_gates(k, cfg.routing == "oracle", lead) if ctx is not None else None
+        if given is not None:  # (B, k): forced gates, or the oracle's one-hot labels
+            gates = self._per_token(given.to(h.device), n)
+        elif cfg.has_router:
+            gates = self._route(x, h, lead, ctx, weight)
+        else:  # k == 1, uniform router, or oracle routing of unlabeled data
+            if cfg.routing == "oracle" and self.training and torch.is_grad_enabled():
+                raise RoutingError("oracle routing trains each head on its own examples: give each "
+                                   "example's head as labels in the routing context "
+                                   "(RoutingContext(labels=...), or route_labels in the batch)")
+            gates = torch.full((n, k), 1.0 / k, device=h.device, dtype=torch.float32)
+        if ctx is not None:
+            ctx.record(self, gates, weight)
         scaled = (gates * self.scaling).to(h.dtype)  # fold alpha/r into the k gates
         if k == 1:
             z = h * scaled  # (N, r)
@@ -223,6 +231,40 @@ class HydraLoraLinear(nn.Module):
             # z[n, i*r + j] = g_i(x_n) * h[n, j] (shared A) or h[n, i*r + j] (one A per head)
             z = (scaled.unsqueeze(-1) * h.view(n, -1, r)).view(n, k * r)  # (N, k*r)
         return F.linear(z, self.lora_B)  # (N, out)
+
+    def _per_token(self, gates: torch.Tensor, n: int) -> torch.Tensor:
+        """Expand per-example gates (B, k) to every token (N, k), N = B*T."""
+        return gates.repeat_interleave(n // gates.shape[0], dim=0)
+
+    def _route(self, x: torch.Tensor, h: torch.Tensor, lead: tuple[int, ...],
+               ctx: RoutingContext | None, weight: torch.Tensor | None) -> torch.Tensor:
+        """The router's gates (N, k) in float32; loss terms and kept gates go to `ctx`."""
+        cfg, n = self.config, x.shape[0]
+        sequence = cfg.routing == "sequence"
+        if sequence and ctx is not None:  # a decoding step of a generation: the prompt's gates
+            cached = ctx.cached_sequence_gates(self, lead[0] if len(lead) > 1 else n)
+            if cached is not None:
+                return self._per_token(cached, n)
+        source = x if cfg.router_input == "x" else h
+        if sequence:
+            source = pool_sequence(source, lead, ctx.pooling_mask(lead) if ctx else None)  # (B, d)
+        logits = F.linear(source, self.router)  # (N, k), or (B, k) with sequence routing
+        gates = gates_from_logits(logits, cfg, self.training)
+        if self.training and cfg.balance_loss_weight > 0 and torch.is_grad_enabled():
+            if ctx is None:
+                raise RoutingError("balance_loss_weight > 0: run training forwards inside a routing "
+                                   "context and add its loss: `with RoutingContext.from_batch(batch) "
+                                   "as routing: ...` then `loss + routing.aux_loss()`")
+            term = balance_loss(logits, cfg, None if sequence else weight)
+            ctx.add_balance_term(cfg.balance_loss_weight * term)
+        if ctx is not None and ctx.example_gates:  # the router's probabilities, before top-k
+            probs = probabilities(logits, cfg)
+            ctx.add_example_probs(probs if sequence else example_means(probs, lead, weight))
+        if sequence:
+            if ctx is not None:
+                ctx.keep_sequence_gates(self, gates)
+            gates = self._per_token(gates, n)
+        return gates
 
     # ------------------------------------------------------------------ merge
     def fixed_gate_factors(

@@ -23,13 +23,10 @@ from torch import nn
 
 from .config import FORMAT_VERSION, HydraLoraConfig
 from .errors import AdapterError, ConfigError
-from .files import atomic_write
+from .files import CONFIG_NAME, WEIGHTS_NAME, atomic_write
 from .hub import resolve_adapter
 from .layer import SUPPORTED_BASE_TYPES, HydraLoraLinear
-from .router import guide_loss as router_guide_loss
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 _CONFIG_ATTR = "hydralora_config"
 _FROZEN_ATTR = "_hydralora_requires_grad"
 
@@ -209,22 +206,15 @@ def trainable_summary(model: nn.Module) -> str:
     )
 
 
-def balance_loss(model: nn.Module) -> torch.Tensor | None:
-    """Sum over layers of balance_loss_weight * aux_loss from the last training forward."""
-    total = None
-    for layer in hydralora_layers(model).values():
-        if layer.aux_loss is not None:
-            term = layer.config.balance_loss_weight * layer.aux_loss
-            total = term if total is None else total + term
-            layer.aux_loss = None
-    return total
-
-
 @contextlib.contextmanager
 def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block the model computes the base model's output."""
+    """Within the block the model computes the base model's output. Merged layers are unmerged
+    for the block (their original weights come back bit for bit) and merged again after it."""
     layers = list(hydralora_layers(model).values())
     previous = [layer.disabled for layer in layers]
+    merged = [(layer, layer.merged_gates) for layer in layers if layer.merged]
+    for layer, _ in merged:
+        layer.unmerge()
     for layer in layers:
         layer.disabled = True
     try:
@@ -232,40 +222,8 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for layer, was in zip(layers, previous):
             layer.disabled = was
-
-
-def set_token_mask(model: nn.Module, mask: torch.Tensor | None) -> None:
-    """Tell every layer which tokens are real (True) so balance loss and stats skip padding."""
-    for layer in hydralora_layers(model).values():
-        layer.token_mask = mask
-
-
-def set_prompt_mask(model: nn.Module, mask: torch.Tensor | None) -> None:
-    """(B, T) bool: the prompt tokens that sequence routing pools (None: all tokens)."""
-    for layer in hydralora_layers(model).values():
-        layer.prompt_mask = mask
-
-
-def set_forced_gates(model: nn.Module, gates: torch.Tensor | None) -> None:
-    """(B, k): every token of example b gets gates[b] in every layer (oracle routing, or
-    given gates); None goes back to the router."""
-    for layer in hydralora_layers(model).values():
-        layer.forced_gates = gates
-
-
-def track_example_gates(model: nn.Module, on: bool) -> None:
-    """Keep each forward's per-example mean gates on the layers (for `guide_loss`)."""
-    for layer in hydralora_layers(model).values():
-        layer.track_example_gates = on
-        layer.example_gates = None
-
-
-def guide_loss(model: nn.Module, labels: torch.Tensor) -> torch.Tensor | None:
-    """Mean over layers of the cross-entropy between each example's mean gates and the head of
-    its label (B,), from the last forward with `track_example_gates` on; None if none kept."""
-    terms = [router_guide_loss(layer.example_gates, labels)
-             for layer in hydralora_layers(model).values() if layer.example_gates is not None]
-    return torch.stack(terms).mean() if terms else None
+        for layer, gates in merged:
+            layer.merge(gates)
 
 
 def _base_model_name(model: nn.Module) -> str | None:

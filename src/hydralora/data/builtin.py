@@ -25,7 +25,8 @@ from typing import Any
 
 from ..errors import MixtureError
 from ..files import atomic_write
-from ..options import check_ranges
+from ..commands.common import BUILTIN, TEST_PER_DOMAIN, TRAIN_PER_DOMAIN
+from ..commands.demo import BuiltinDataOptions
 from .records import load_examples
 
 DOMAINS = ("math", "code", "topic", "headline")
@@ -42,9 +43,6 @@ ARTICLE_CHARS = 400  # the article text shown in a prompt, cut at a word boundar
 # The first RESERVED_TEST examples of each shuffled domain are the only ones a test split may
 # use, and training starts after them: any test size is disjoint from any train size.
 RESERVED_TEST = {"math": 300, "code": 40, "topic": 200, "headline": 200}
-TRAIN_PER_DOMAIN = 200  # the default split sizes, used by every command
-TEST_PER_DOMAIN = 40
-BUILTIN = "builtin"  # the word that stands for the mixture in a list of data files
 
 
 def _package_dir(domain: str) -> Path:
@@ -192,23 +190,6 @@ def write_builtin(output_dir: str | Path, **kwargs: Any) -> tuple[Path, Path]:
                            encoding="utf-8")
         paths.append(path)
     return paths[0], paths[1]
-
-
-@dataclass
-class BuiltinDataOptions:
-    """Write the built-in mixture as train.jsonl and test.jsonl."""
-
-    output: str = field(default="", metadata={"required": True})
-    """Directory to write into."""
-    train_per_domain: int = TRAIN_PER_DOMAIN
-    """Examples per domain of the train split."""
-    test_per_domain: int = TEST_PER_DOMAIN
-    """Examples per domain of the test split."""
-    seed: int = 0
-    """Seed of the shuffle and split."""
-
-    def __post_init__(self) -> None:
-        check_ranges(self, {"train_per_domain": ">=1", "test_per_domain": ">=1", "seed": ">=0"})
 
 
 def run_builtin_data(opts: BuiltinDataOptions) -> tuple[Path, Path]:

@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
+from ..commands.common import DEFAULT_MAX_LENGTH  # noqa: F401  (re-exported)
 from ..errors import DataError
 from .records import Example
 
 IGNORE_INDEX = -100
-DEFAULT_MAX_LENGTH = 512
 PLAIN_ROLE_HEADERS = {"system": "### System:\n", "user": "### Instruction:\n", "assistant": "### Response:\n"}
 
 

@@ -6,7 +6,7 @@ import torch
 
 from ..data import bos_ids, render_prompt
 from ..dist import progress
-from ..model import set_prompt_mask
+from ..routing.context import RoutingContext
 
 
 @torch.no_grad()
@@ -40,23 +40,24 @@ def generate(
                 [texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
             ).to(device)
             extra = {"adapter_names": [adapter_names[i] for i in idx]} if adapter_names else {}
-            set_prompt_mask(model, enc["attention_mask"].bool())  # sequence routing: the prompt
-            out = model.generate(
-                **enc,
-                **extra,
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                temperature=temperature if do_sample else None,
-                top_p=None,
-                top_k=None,
-                use_cache=True,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+            # one routing context per generate call: sequence routing pools the prompt once and
+            # every decoding step reuses its gates
+            with RoutingContext(prompt_mask=enc["attention_mask"].bool(), generation=True):
+                out = model.generate(
+                    **enc,
+                    **extra,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=do_sample,
+                    temperature=temperature if do_sample else None,
+                    top_p=None,
+                    top_k=None,
+                    use_cache=True,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
             new = out[:, enc["input_ids"].shape[1] :]
             for i, row in zip(idx, new):
                 answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     finally:
-        set_prompt_mask(model, None)
         tokenizer.padding_side = side
         model.train(was_training)
     return answers

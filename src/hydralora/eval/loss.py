@@ -22,7 +22,7 @@ from transformers import modeling_utils
 
 from ..data import IGNORE_INDEX, Collator
 from ..dist import progress
-from ..routing import route_batch
+from ..routing.context import RoutingContext
 
 
 # transformers' causal LMs take a (B, T) boolean logits_to_keep from the release that added this
@@ -84,8 +84,8 @@ def domain_losses(
     for start in progress(range(0, len(order), batch_size), "held-out loss", unit="batch"):
         chunk = [features[i] for i in order[start : start + batch_size]]
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(chunk).items()}
-        route_batch(model, batch)  # padding, prompt and oracle labels for the HydraLoRA layers
-        with autocast_context(model, bf16):
+        # padding, prompt and oracle labels for the HydraLoRA layers
+        with RoutingContext.from_batch(batch), autocast_context(model, bf16):
             nll, rows = response_nll(model, batch)
         per_row = torch.zeros(len(chunk)).index_add_(0, rows.cpu(), nll.cpu())
         counts = torch.bincount(rows.cpu(), minlength=len(chunk))
@@ -94,7 +94,6 @@ def domain_losses(
             sums[domain] += total
             tokens[domain] += n
             examples[domain] += 1
-    route_batch(model, None)
     model.train(was_training)
     out: dict[str, dict[str, float]] = {}
     for domain in sorted(sums):

@@ -31,8 +31,9 @@ from ..base_models import resolve_model_path
 from ..config import HydraLoraConfig
 from ..errors import ConfigError
 from ..hub import resolve_adapter
-from ..methods import METHODS, adapter_kind
-from ..model import CONFIG_NAME
+from ..files import CONFIG_NAME
+from ..info import adapter_kind
+from ..methods import METHODS
 
 __all__ = ["HydraLoraLM", "main"]
 

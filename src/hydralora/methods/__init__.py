@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -15,53 +14,22 @@ import torch
 from torch import nn
 
 from ..base_models import DEFAULT_DTYPE, load_model
-from ..errors import AdapterError, ConfigError
+from ..errors import ConfigError
 from ..hub import resolve_adapter
-from ..model import CONFIG_NAME
+from ..info import adapter_kind
 from . import hydralora, lora_split, peft_lora
 from .base import Built, Method, PromptRouter, TrainPart
 
 METHODS: dict[str, Method] = {m.name: m for m in (hydralora.METHOD, peft_lora.METHOD, lora_split.METHOD)}
-PEFT_TYPES = {"HYDRALORA": "hydralora", "LORA": "lora"}
 
-__all__ = ["METHODS", "Built", "Method", "PromptRouter", "TrainPart", "adapter_kind", "describe",
-           "get_method", "load_model_with_adapter"]
+__all__ = ["METHODS", "Built", "Method", "PromptRouter", "TrainPart", "adapter_kind", "get_method",
+           "load_model_with_adapter"]
 
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ConfigError(f"--method {name!r}: choose one of {', '.join(METHODS)}")
     return METHODS[name]
-
-
-def adapter_kind(path: str | os.PathLike) -> str:
-    """The method that wrote an adapter folder: 'hydralora', 'lora' (PEFT) or 'lora-split'
-    (a hub id is fetched first)."""
-    path = resolve_adapter(path)
-    if not path.is_dir():
-        raise AdapterError(f"{path}: no such adapter directory")
-    if (path / lora_split.SPLIT_FILE).exists():
-        return "lora-split"
-    config_file = path / CONFIG_NAME
-    if not config_file.exists():
-        raise AdapterError(f"{path}: missing {CONFIG_NAME}; is this an adapter directory?")
-    try:
-        peft_type = json.loads(config_file.read_text()).get("peft_type")
-    except (json.JSONDecodeError, AttributeError) as err:
-        raise AdapterError(f"{config_file}: not a JSON object ({err})") from None
-    if peft_type not in PEFT_TYPES:
-        raise AdapterError(f"{config_file}: unsupported peft_type {peft_type!r}")
-    return PEFT_TYPES[peft_type]
-
-
-def describe(path: str | os.PathLike) -> dict:
-    """What `hydralora info` shows: the folder's method and its facts."""
-    kind = adapter_kind(path)
-    return {"path": str(path), "kind": kind, **METHODS[kind].describe(resolve_adapter(path))}
-
-
-def format_description(info: dict) -> str:
-    return METHODS[info["kind"]].format(info)
 
 
 def load_model_with_adapter(

@@ -1,7 +1,8 @@
 """What every adapter method provides, so that the method is chosen in one place.
 
 A method builds its adapter on a loaded base model, tells the trainer what to train (one part,
-or one part per cluster for LoRA-Split), saves and loads its folder, and describes it.
+or one part per cluster for LoRA-Split), saves and loads its folder, and names its variant
+(`hydralora info` describes the folders from their files alone: info.py).
 """
 
 from __future__ import annotations
@@ -48,16 +49,13 @@ class Built:
 class Method:
     """One adapter method. `build(model, adapter, seed, examples, options)` attaches a fresh
     adapter; `save(built, output, base_model)` writes its folder; `load(model, path)` gives
-    (model, prompt router or None); `describe(path)` the facts `hydralora info` shows and
-    `format(info)` their text; `variant(adapter, options)` names the trained variant."""
+    (model, prompt router or None); `variant(adapter, options)` names the trained variant."""
 
     name: str
     files: tuple[str, ...]  # names it writes into an output folder (globs allowed)
     build: Callable[..., Built]
     save: Callable[[Built, Path, str], None]
     load: Callable[[nn.Module, Path], tuple[nn.Module, PromptRouter | None]]
-    describe: Callable[[Path], dict[str, Any]]
-    format: Callable[[dict[str, Any]], str]
     variant: Callable[[HydraLoraConfig, dict[str, Any]], str]
     trains_router: bool = False  # HydraLoRA layers whose router stats are collected
 

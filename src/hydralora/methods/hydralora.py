@@ -1,23 +1,21 @@
-"""HydraLoRA through this package's own layers: build, save, load, describe, name."""
+"""HydraLoRA through this package's own layers: build, save, load, name."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..cluster_model import ClusterModel
+from ..clustering.kmeans import ClusterModel
 from ..config import HydraLoraConfig
 from ..data import Example
-from ..files import write_json
-from ..model import CONFIG_NAME, add_hydralora, load_adapter, read_adapter, save_adapter
-from ..routing import head_similarity
+from ..files import ROUTER_STATS, write_json
+from ..files import CONFIG_NAME
+from ..model import add_hydralora, load_adapter, save_adapter
 from .base import Built, Method, one_part
 
-ROUTER_STATS = "router_stats.json"
 ROUTE_CLUSTERS = "route_clusters"  # oracle routing by cluster: the k-means model of the labels
 
 
@@ -38,71 +36,6 @@ def save(built: Built, output: Path, base_model: str) -> None:
 
 def load(model: nn.Module, path: Path) -> tuple[nn.Module, None]:
     return load_adapter(model, path), None
-
-
-def describe(path: Path) -> dict[str, Any]:
-    """Config, parameter counts, head similarity, and the run's summary if present."""
-    config, tensors = read_adapter(path)
-    meta = json.loads((path / CONFIG_NAME).read_text())
-    layers: dict[str, dict[str, Any]] = {}
-    for key, tensor in tensors.items():
-        module, _, name = key.rpartition(".")
-        layers.setdefault(module, {})[name] = tensor
-    sims = [head_similarity(p["lora_B"], config.num_heads) for p in layers.values()]
-    sims = [s for s in sims if s is not None]
-    info: dict[str, Any] = dict(
-        config=config.to_dict(),
-        base_model=meta.get("base_model_name_or_path"),
-        version=meta.get("hydralora_version"),
-        layers=len(layers),
-        parameters=sum(t.numel() for t in tensors.values()),
-        head_cos_sim_mean=sum(sims) / len(sims) if sims else None,
-        head_cos_sim_max=max(sims) if sims else None,
-    )
-    for extra in ("summary.json", ROUTER_STATS):
-        if (path / extra).exists():
-            info[extra.removesuffix(".json")] = json.loads((path / extra).read_text())
-    return info
-
-
-def format_info(info: dict[str, Any]) -> str:
-    c = info["config"]
-    lines = [
-        f"{info['path']}: HydraLoRA adapter (hydralora {info['version']})",
-        f"base model: {info['base_model']}",
-        f"r={c['r']} alpha={c['alpha']} heads={c['num_heads']} router={c['router']} "
-        f"router_input={c['router_input']} shared_a={c['shared_a']} targets={c['target_modules']}",
-        f"layers: {info['layers']}, parameters: {info['parameters']:,}",
-    ]
-    if c.get("k_selection"):
-        ks = c["k_selection"]
-        lines.append(f"num_heads chosen automatically: k={ks['k']} ({ks.get('method')})")
-    if info["head_cos_sim_mean"] is not None:
-        lines.append(
-            f"head similarity (mean pairwise cosine of B heads): mean {info['head_cos_sim_mean']:.3f}, "
-            f"max {info['head_cos_sim_max']:.3f}"
-        )
-    stats = info.get("router_stats")
-    if stats:
-        ent = [s["entropy"] for s in stats.values()]
-        share = [max(s["mean_gate"]) for s in stats.values()]
-        lines.append(
-            f"router (last logging window): gate entropy {sum(ent) / len(ent):.3f}, "
-            f"top head share {sum(share) / len(share):.3f}"
-        )
-    summary = info.get("summary")
-    if summary:
-        lines.append(
-            f"training: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
-            f"{summary['tokens_per_second']:.0f} tokens/s"
-        )
-        div = summary.get("diversity") or {}
-        if "domain_gate_spread" in div:
-            lines.append(
-                f"mean gates differ between domains by {div['domain_gate_spread']:.3f} "
-                "(mean pairwise total-variation distance; 0 = same routing for every domain)"
-            )
-    return "\n".join(lines)
 
 
 def variant(adapter: HydraLoraConfig, options: dict[str, Any]) -> str:
@@ -145,8 +78,8 @@ def variant(adapter: HydraLoraConfig, options: dict[str, Any]) -> str:
 
 METHOD = Method(name="hydralora",
                 files=(CONFIG_NAME, "adapter_model.safetensors", ROUTER_STATS, ROUTE_CLUSTERS),
-                build=build, save=save, load=load, describe=describe, format=format_info,
-                variant=variant, trains_router=True)
+                build=build, save=save, load=load, variant=variant,
+                trains_router=True)
 
 
 def oracle_labeler(model: nn.Module, path: Path):

@@ -24,16 +24,16 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from ..cluster_model import ClusterModel
+from ..clustering.kmeans import ClusterModel
+from ..routing.requests import SplitRouter, adapter_name
 from ..config import HydraLoraConfig
 from ..data import Example
+from ..commands.common import SPLIT_MODES
 from ..errors import AdapterError
-from ..files import temporary_dir, write_json
+from ..files import SPLIT_FILE, temporary_dir, write_json
 from .base import Built, Method, TrainPart
 from .peft_lora import lora_config
 
-SPLIT_FILE = "lora_split.json"
-SPLIT_MODES = ("budget", "each")
 
 
 def split_ranks(r: int, k: int, mode: str = "budget") -> list[int]:
@@ -46,32 +46,6 @@ def split_ranks(r: int, k: int, mode: str = "budget") -> list[int]:
             f"raise --r to at least {k} or use --split-ranks each"
         )
     return [r // k] * k
-
-
-def adapter_name(i: int) -> str:
-    return f"cluster_{i}"
-
-
-class SplitRouter:
-    """Routes prompts to the adapter of their nearest TF-IDF centroid (centroid i serves the
-    adapter names[i]: cluster_<i> unless the folder names them, as per-domain exports do)."""
-
-    def __init__(self, cluster_model: ClusterModel, names: list[str] | None = None):
-        self.cluster_model = cluster_model
-        self.names = names or [adapter_name(i) for i in range(cluster_model.k)]
-
-    def route(self, instructions: list[str]) -> list[str]:
-        return [self.names[c] for c in self.cluster_model.predict(instructions)]
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> SplitRouter:
-        names = None
-        if (Path(path) / SPLIT_FILE).exists():
-            try:
-                names = json.loads((Path(path) / SPLIT_FILE).read_text()).get("adapters")
-            except (OSError, json.JSONDecodeError, AttributeError):
-                names = None
-        return cls(ClusterModel.load(path), names)
 
 
 def build(model: nn.Module, adapter: HydraLoraConfig, seed: int, examples: list[Example],
@@ -142,17 +116,6 @@ def load(model: nn.Module, path: Path) -> tuple[nn.Module, SplitRouter]:
     return peft_model, SplitRouter.load(path)
 
 
-def describe(path: Path) -> dict[str, Any]:
-    return {"config": json.loads((path / SPLIT_FILE).read_text())}
-
-
-def format_info(info: dict[str, Any]) -> str:
-    c = info["config"]
-    return (f"{info['path']}: LoRA-Split, {c['k']} PEFT LoRA adapters (ranks {c['ranks']}), "
-            f"cluster sizes {c['cluster_sizes']}, base={c.get('base_model_name_or_path')}; "
-            "prompts go to the adapter of their nearest TF-IDF centroid")
-
-
 def variant(adapter: HydraLoraConfig, options: dict[str, Any]) -> str:
     ranks = split_ranks(adapter.r, adapter.num_heads, options.get("split_ranks", "budget"))
     return f"LoRA-Split {adapter.num_heads} x r={ranks[0]} (PEFT, one LoRA per k-means cluster)"
@@ -160,5 +123,4 @@ def variant(adapter: HydraLoraConfig, options: dict[str, Any]) -> str:
 
 METHOD = Method(name="lora-split", files=(SPLIT_FILE, "cluster_model.json", "cluster_model.safetensors",
                                           "cluster_*"),
-                build=build, save=save, load=load, describe=describe, format=format_info,
-                variant=variant)
+                build=build, save=save, load=load, variant=variant)

@@ -14,7 +14,8 @@ from torch import nn
 from ..config import HydraLoraConfig
 from ..data import Example
 from ..files import read_manifest, temporary_dir
-from ..model import ALL_LINEAR, CONFIG_NAME, is_all_linear
+from ..files import CONFIG_NAME
+from ..model import ALL_LINEAR, is_all_linear
 from .base import Built, Method, one_part
 
 
@@ -49,20 +50,10 @@ def load(model: nn.Module, path: Path) -> tuple[nn.Module, None]:
     return PeftModel.from_pretrained(model, str(path)), None
 
 
-def describe(path: Path) -> dict[str, Any]:
-    return {"config": json.loads((path / CONFIG_NAME).read_text())}
-
-
-def format_info(info: dict[str, Any]) -> str:
-    c = info["config"]
-    return (f"{info['path']}: PEFT LoRA adapter, r={c.get('r')}, alpha={c.get('lora_alpha')}, "
-            f"targets={c.get('target_modules')}, base={c.get('base_model_name_or_path')}")
-
-
 def variant(adapter: HydraLoraConfig, options: dict[str, Any]) -> str:
     alpha = "" if adapter.alpha == HydraLoraConfig().alpha else f", alpha={adapter.alpha:g}"
     return f"LoRA r={adapter.r}{alpha} (PEFT)"
 
 
 METHOD = Method(name="lora", files=(CONFIG_NAME, "adapter_model.safetensors", "README.md"), build=build,
-                save=save, load=load, describe=describe, format=format_info, variant=variant)
+                save=save, load=load, variant=variant)

@@ -1,30 +1,31 @@
-"""The options of a training run (everything but the adapter's own settings) and the
-choices that follow from them: the adapter config, bf16 or not."""
+"""`hydralora train`'s options: everything about a run except the adapter's own settings.
+
+Light on purpose (no torch, no transformers at import; the checks that need transformers
+import it when they run): the command line builds its flags from this class.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import TrainingArguments
-from transformers.trainer_utils import SchedulerType
-
-from ..base_models import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MODEL, QUANTIZE_MODES, check_placement
-from ..clustering import K_MAX
-from ..config import TRAIN_ADAPTER_DEFAULTS, HydraLoraConfig
-from ..data import DEFAULT_MAX_LENGTH
-from ..data.builtin import TEST_PER_DOMAIN, TRAIN_PER_DOMAIN
+from ..commands.common import (
+    DEFAULT_DEVICE,
+    DEFAULT_DTYPE,
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_MODEL,
+    K_MAX,
+    METHOD_NAMES,
+    QUANTIZE_MODES,
+    SPLIT_MODES,
+    TEST_PER_DOMAIN,
+    TRAIN_PER_DOMAIN,
+    check_placement,
+)
+from ..config import DEFAULT_PRESET, PRESETS, get_preset
 from ..errors import ConfigError, TrainingError, short
-from ..methods import METHODS
-from ..methods.lora_split import SPLIT_MODES
 from ..options import check_ranges
-
-# A run recorded (train_config.yaml) before train's defaults departed from the paper's had
-# these values; `--resume` of such a run fills them in for the keys its file lacks.
-RECORDED_RUN_DEFAULTS: dict[str, Any] = {"init_heads": "zero"}
 
 
 @dataclass
@@ -33,6 +34,9 @@ class TrainConfig:
 
     model: str = DEFAULT_MODEL
     """Base model: hub id, local directory, .gguf file, or built-in name (smollm2-135m)."""
+    preset: str = field(default=DEFAULT_PRESET, metadata={"choices": tuple(PRESETS)})
+    """A named recipe for the adapter and training values not given: recommended (random heads,
+    router lr x10) or paper (the authors' recipe: alpha 32, router lr x1, max length 1024)."""
     data: list[str] = field(default_factory=list)
     """Training files (.jsonl, .json, .csv, .parquet); 'builtin' = the built-in mixture's train split."""
     eval_data: list[str] = field(default_factory=list)
@@ -55,9 +59,9 @@ class TrainConfig:
     """Share of the steps spent warming the learning rate up from 0 (the paper: 0.03)."""
     weight_decay: float = 0.0
     """AdamW weight decay (the paper: 0)."""
-    router_lr_multiplier: float = 10.0
-    """The routers learn at lr times this (the paper: 1; 10 with random heads was the best
-    setting of the head-diversity study in docs/results.md)."""
+    router_lr_multiplier: float | None = None
+    """The routers learn at lr times this; default: the preset's (recommended 10: the best
+    setting of the head-diversity study in docs/results.md; paper 1)."""
     route_labels_from: str = "cluster"
     """Labels of the oracle routing and the guide loss: 'cluster' (k-means of the instructions,
     as for choosing k) or 'domain' (the records' domain field)."""
@@ -70,8 +74,9 @@ class TrainConfig:
     """Examples per step per process."""
     grad_accum: int = 1
     """Gradient accumulation steps (effective batch = batch_size * grad_accum * processes)."""
-    max_length: int = DEFAULT_MAX_LENGTH
-    """Tokens per example; longer examples are truncated (and counted)."""
+    max_length: int | None = None
+    """Tokens per example; longer examples are truncated (and counted). Default: the preset's
+    (recommended 512, paper 1024)."""
     skip_overlong: bool = False
     """Drop examples whose response is truncated away entirely instead of stopping."""
     seed: int = 0
@@ -107,23 +112,31 @@ class TrainConfig:
     trust_remote_code: bool = False
     """Run Python code shipped with a hub model (off unless you trust it)."""
     adapter: dict[str, Any] = field(default_factory=dict)
-    """HydraLoraConfig values (the CLI fills these from the adapter flags); TRAIN_ADAPTER_DEFAULTS
-    fills the keys not given."""
+    """HydraLoraConfig values (the CLI fills these from the adapter flags); the preset fills the
+    keys not given."""
     trainer_args: dict[str, Any] = field(default_factory=dict)
     """Any other transformers TrainingArguments field (report_to, optim, max_grad_norm,
     eval_strategy, fsdp, deepspeed, ...); they override what train sets. CLI: repeatable
     --trainer-arg KEY=VALUE; YAML: a `trainer:` mapping."""
 
     def __post_init__(self) -> None:
-        self.adapter = {**TRAIN_ADAPTER_DEFAULTS, **self.adapter}
+        """Fill what was not given from the preset: adapter keys, then the training values
+        whose default is None."""
+        preset = get_preset(self.preset)
+        self.adapter = {**preset.adapter, **self.adapter, "preset": self.preset}
+        for key, value in preset.training.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.max_length is None:
+            self.max_length = DEFAULT_MAX_LENGTH
 
     def validate(self) -> None:
         if not self.data:
             raise TrainingError("no training data: give --data FILE [FILE ...] (or --data builtin)")
         if not self.output:
             raise TrainingError("no output directory: give --output DIR")
-        if self.method not in METHODS:
-            raise TrainingError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.method not in METHOD_NAMES:
+            raise TrainingError(f"--method {self.method!r}: choose one of {', '.join(METHOD_NAMES)}")
         if self.route_labels_from not in ("cluster", "domain"):
             raise TrainingError("--route-labels-from must be cluster or domain")
         if self.guide_schedule not in ("constant", "decay"):
@@ -154,6 +167,8 @@ class TrainConfig:
                             "seed": ">=0", "save_steps": ">=0", "save_total_limit": ">=1",
                             "k_max": ">=1", "builtin_train_per_domain": ">=1",
                             "builtin_test_per_domain": ">=1"})
+        from transformers.trainer_utils import SchedulerType
+
         schedulers = [s.value for s in SchedulerType]
         if self.lr_scheduler not in schedulers:
             raise ConfigError(f"--lr-scheduler {short(self.lr_scheduler)}: choose one of {', '.join(schedulers)}")
@@ -194,6 +209,8 @@ OWNED_TRAINER_ARGS: dict[str, str | None] = {
 
 
 def trainer_arg_names() -> set[str]:
+    from transformers import TrainingArguments
+
     return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
 
 
@@ -213,33 +230,3 @@ def check_trainer_args(values: dict[str, Any]) -> None:
             raise ConfigError(
                 f"unknown trainer argument {key!r}: not a field of transformers.TrainingArguments{hint}"
             )
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 autocast pays: CUDA with bf16 support, or a CPU with native bf16 (AVX512-BF16
-    or AMX). On an AVX2-only CPU, bf16 matmuls are emulated: a SmolLM2 step measured ~20x
-    slower than float32 there, so 'auto' leaves it off."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        if torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX"):
-            return True
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-        return " avx512_bf16" in flags or " amx_bf16" in flags
-    return False
-
-
-def adapter_config(cfg: TrainConfig, k_selection: dict[str, Any] | None = None) -> HydraLoraConfig:
-    values = dict(cfg.adapter)
-    if k_selection is not None:
-        values["num_heads"] = k_selection["k"]
-        values["k_selection"] = k_selection
-    return HydraLoraConfig(**values)
-
-
-def variant_name(cfg: TrainConfig, adapter: HydraLoraConfig) -> str:
-    """A short description of the trained variant (the method's own wording)."""
-    return METHODS[cfg.method].variant(adapter, cfg.flat())

@@ -12,16 +12,24 @@ from pathlib import Path
 from ..config import HydraLoraConfig
 from ..dist import is_main_process, log
 from ..errors import TrainingError
-from ..files import LOCK_NAME, MANIFEST, acquire_lock, read_manifest, record_written, release_lock, remove_entry
+from ..files import (
+    CONFIG_NAME,
+    LOCK_NAME,
+    MANIFEST,
+    RUN_CONFIG,
+    SPLIT_FILE,
+    SUMMARY,
+    acquire_lock,
+    read_manifest,
+    record_written,
+    release_lock,
+    remove_entry,
+)
 from ..methods import METHODS
-from ..model import CONFIG_NAME
-from ..methods.lora_split import SPLIT_FILE
 from .config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
 COMPLETE_MARKER = ".complete"
-RUN_CONFIG = "train_config.yaml"
-SUMMARY = "summary.json"
 
 
 def last_checkpoint(output: Path) -> Path | None:

@@ -12,9 +12,9 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback, set_seed
 
-from ..base_models import load_model, prepare_for_kbit_training, resolve_device, resolve_dtype
-from ..cluster_model import ClusterModel
-from ..clustering import select_num_heads
+from ..base_models import bf16_supported, load_model, prepare_for_kbit_training, resolve_device, resolve_dtype
+from ..clustering.choose_k import select_num_heads
+from ..clustering.kmeans import ClusterModel
 from ..config import HydraLoraConfig
 from ..data import Example, load_examples, tokenize_examples
 from ..data.builtin import resolve_builtin
@@ -24,16 +24,9 @@ from ..files import write_json, write_yaml
 from ..hub import card_is_ours, write_model_card
 from ..methods import METHODS, count_adapter_parameters
 from ..model import find_targets, hydralora_layers
-from ..routing import (
-    attach_route_labels,
-    collect_router_stats,
-    diversity_report,
-    gates_by_domain,
-    route_label_names,
-    router_report,
-    stop_router_stats,
-)
-from .config import TrainConfig, adapter_config, bf16_supported
+from ..routing.labels import attach_route_labels, route_label_names
+from ..routing.stats import diversity_report, gates_by_domain, router_report
+from .config import TrainConfig
 from .output import (
     CHECKPOINTS,
     RUN_CONFIG,
@@ -135,8 +128,7 @@ def _run_training(cfg: TrainConfig, callbacks: Sequence[TrainerCallback]
     if built.router is not None:
         for f in eval_features:
             f["adapter_name"] = built.router.route([f["instruction"]])[0]
-    stats = collect_router_stats(model) if hydralora_layers(model) else {}
-    stop_router_stats(model)  # no per-forward statistics after training
+    stats = run.get("router_stats") or {}  # of the last optimizer step that logged
     built.state["router_stats"] = stats
     if is_main_process():
         method.save(built, output, cfg.model)
@@ -233,6 +225,7 @@ def train_parts(cfg: TrainConfig, built, features: list[dict[str, Any]], tokeniz
         run["train_loss"] += result["train_loss"] * part.share
         run["final_loss"] = result["final_loss"]
         run["fingerprints"] = result["fingerprints"]
+        run["router_stats"] = result["router_stats"]
     if len(built.parts) > 1:
         built.model.eval()
     return run
@@ -259,3 +252,15 @@ def format_summary(s: dict[str, Any], output: Path) -> str:
     ]
     return "\n".join(lines)
 
+
+def adapter_config(cfg: TrainConfig, k_selection: dict[str, Any] | None = None) -> HydraLoraConfig:
+    values = dict(cfg.adapter)
+    if k_selection is not None:
+        values["num_heads"] = k_selection["k"]
+        values["k_selection"] = k_selection
+    return HydraLoraConfig(**values)
+
+
+def variant_name(cfg: TrainConfig, adapter: HydraLoraConfig) -> str:
+    """A short description of the trained variant (the method's own wording)."""
+    return METHODS[cfg.method].variant(adapter, cfg.flat())

@@ -1,11 +1,11 @@
 """The transformers Trainer, extended for HydraLoRA, and `fit`: one Trainer run.
 
 The Trainer brings gradient accumulation, schedules, bf16 autocast, logging, checkpoints with
-optimizer/scheduler/RNG state, resume, and DDP under torchrun. On top of it: the balance loss,
-router statistics and head diversity in the logs, the routers' own learning rate (a parameter
-group built in `create_optimizer`, so every launcher accepts it), adapter-only checkpoints
-(written atomically and marked complete), a stop with a clear message on a non-finite loss,
-and SIGINT -> checkpoint -> exit.
+optimizer/scheduler/RNG state, resume, and DDP under torchrun. On top of it: the response-only
+loss (`ResponseLossTrainer`), HydraLoRA's routing, loss terms, router learning rate and logs
+(`integration.HydraLoraTrainerMixin`, the same mixin TRL's SFTTrainer uses), adapter-only
+checkpoints (written atomically and marked complete), a stop with a clear message on a
+non-finite loss, and SIGINT -> checkpoint -> exit.
 """
 
 from __future__ import annotations
@@ -26,103 +26,46 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from ..base_models import is_quantized, resolve_device
 from ..data import Collator, TokenizedDataset, group_by_domain
 from ..dist import is_main_process, log, world_size
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, TrainingError, TrainingInterrupted
 from ..eval.loss import response_nll
 from ..model import (
     adapter_state_dict,
-    balance_loss,
     count_parameters,
     full_adapter_tensors,
     hydralora_layers,
     load_adapter_weights,
     read_adapter,
     save_adapter,
-    guide_loss,
-    track_example_gates,
 )
-from ..routing import collect_router_stats, diversity_report, route_batch, start_router_stats
+from ..routing.context import checkpoint_kwargs
 from .config import TrainConfig
+from .integration import HydraLoraTrainerMixin
 from .output import COMPLETE_MARKER, last_checkpoint
 from .sharding import CpuFsdpMixin, is_sharded, like_parameter, release_zero3, unshard_for_inference
 
 
 class NonFiniteLossError(TrainingError):
-    def __init__(self, step: int, value: float):
+    def __init__(self, step: int, value: float, checkpoints: str):
         self.step = step
         super().__init__(
             f"the loss became {value} at step {step}; training stopped before applying that "
-            "update. The last complete checkpoint (if any) is kept in OUTPUT/checkpoints: lower "
+            f"update. The last complete checkpoint (if any) is kept in {checkpoints}: lower "
             "--lr, check the data, or try --bf16 false, then --resume."
         )
 
 
-class TrainingInterrupted(TrainingError):
-    def __init__(self, step: int, checkpoint: Path | None):
-        self.step = step
-        super().__init__(
-            f"interrupted at step {step}; checkpoint saved at {checkpoint}. "
-            "Continue with the same command plus --resume."
-        )
+class ResponseLossTrainer(Trainer):
+    """The Trainer with `hydralora train`'s loss: the mean cross-entropy over the response
+    tokens, with vocabulary logits computed only where labeled; a non-finite loss stops."""
 
-
-class HydraTrainer(CpuFsdpMixin, Trainer):
-    """Trainer with HydraLoRA's extra loss, statistics, router lr and adapter-only checkpoints."""
-
-    def __init__(self, *args: Any, router_lr_multiplier: float = 1.0,
-                 domain_eval: dict[str, Any] | None = None, guide_weight: float = 0.0,
-                 guide_schedule: str = "constant", **kwargs: Any):
-        model = kwargs.get("model", args[0] if args else None)
-        # transformers refuses a quantized base unless a PEFT adapter is attached; HydraLoRA
-        # layers are trainable adapters too, so they pass its check the same way (Trainer init only)
-        vouch = model is not None and is_quantized(model) and bool(hydralora_layers(model))
-        if vouch:
-            model._hf_peft_config_loaded = True
-        try:
-            super().__init__(*args, **kwargs)
-        finally:
-            if vouch:
-                del model._hf_peft_config_loaded
-        self.router_lr_multiplier = router_lr_multiplier
-        self.guide_weight, self.guide_schedule = guide_weight, guide_schedule
-        self.domain_eval = domain_eval or {}  # {domain: dataset} logged beside eval_loss
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
         self.tokens_seen = 0
         self.loss_is_scaled_for_ga = True  # compute_loss normalizes over the accumulation
 
-    def _guide_weight_now(self) -> float:
-        """The guide loss weight at this step: constant, or decaying linearly to 0 ('decay')."""
-        if self.guide_schedule == "constant" or not self.state.max_steps:
-            return self.guide_weight
-        return self.guide_weight * max(0.0, 1.0 - self.state.global_step / self.state.max_steps)
-
-    def _bare(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.model)
-
-    def _is_hydra(self) -> bool:
-        return bool(hydralora_layers(self._bare()))
-
-    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """The Trainer's optimizer, with the routers moved into groups of their own that learn
-        at lr * router_lr_multiplier (same other settings as the group they came from)."""
-        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
-        if self.router_lr_multiplier == 1.0:
-            return optimizer
-        routers = {id(p) for n, p in (model or self.model).named_parameters() if n.endswith(".router")}
-        for group in list(optimizer.param_groups):
-            moved = [p for p in group["params"] if id(p) in routers]
-            if not moved:
-                continue
-            group["params"] = [p for p in group["params"] if id(p) not in routers]
-            optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"},
-                                       "params": moved, "lr": group["lr"] * self.router_lr_multiplier})
-        optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
-        return optimizer
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Mean cross-entropy over the response tokens (logits only where labeled), plus
-        the balance loss; normalized over the whole accumulated (and distributed) batch
-        as the Trainer does for models that take num_items_in_batch."""
-        bare = self._bare()
-        route_batch(bare, inputs)  # padding, prompt tokens, oracle labels
+        """Normalized over the whole accumulated (and distributed) batch as the Trainer does
+        for models that take num_items_in_batch; in evaluation, the batch's mean."""
         if model.training:  # a device tensor: no host synchronization per step
             self.tokens_seen = inputs["attention_mask"].sum() + self.tokens_seen
         nll, _ = response_nll(model, inputs)
@@ -135,15 +78,34 @@ class HydraTrainer(CpuFsdpMixin, Trainer):
             if self.args.average_tokens_across_devices:  # DDP averages; undo it
                 loss = loss * self.accelerator.num_processes
         if not torch.isfinite(loss.detach()).all():
-            raise NonFiniteLossError(self.state.global_step + 1, loss.item())
-        aux = balance_loss(bare)
-        if aux is not None and model.training:
-            loss = loss + aux / self.current_gradient_accumulation_steps
-        if self.guide_weight > 0 and model.training and "route_labels" in inputs:
-            guide = guide_loss(bare, inputs["route_labels"])
-            if guide is not None:
-                loss = loss + self._guide_weight_now() * guide / self.current_gradient_accumulation_steps
+            raise NonFiniteLossError(self.state.global_step + 1, loss.item(),
+                                     str(Path(self.args.output_dir)))
         return (loss, {}) if return_outputs else loss  # no logits kept: evaluation reads the loss
+
+
+class HydraTrainer(HydraLoraTrainerMixin, CpuFsdpMixin, ResponseLossTrainer):
+    """`hydralora train`'s Trainer: HydraLoRA's mixin, the response-only loss, FSDP2 on CPU,
+    per-domain held-out losses and adapter-only checkpoints."""
+
+    def __init__(self, *args: Any, domain_eval: dict[str, Any] | None = None, **kwargs: Any):
+        model = kwargs.get("model", args[0] if args else None)
+        # transformers refuses a quantized base unless a PEFT adapter is attached; HydraLoRA
+        # layers are trainable adapters too, so they pass its check the same way (Trainer init only)
+        vouch = model is not None and is_quantized(model) and bool(hydralora_layers(model))
+        if vouch:
+            model._hf_peft_config_loaded = True
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if vouch:
+                del model._hf_peft_config_loaded
+        self.domain_eval = domain_eval or {}  # {domain: dataset} logged beside eval_loss
+
+    def _bare(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def _is_hydra(self) -> bool:
+        return bool(hydralora_layers(self._bare()))
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """The Trainer's held-out loss (eval_loss); during training also each domain's
@@ -153,12 +115,6 @@ class HydraTrainer(CpuFsdpMixin, Trainer):
             for name, dataset in self.domain_eval.items():
                 metrics.update(super().evaluate(dataset, ignore_keys, f"{metric_key_prefix}_{name}"))
         return metrics
-
-    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if "loss" in logs and self._is_hydra():
-            stats = collect_router_stats(self._bare())
-            logs.update({k: round(v, 4) for k, v in diversity_report(self._bare(), stats).items()})
-        super().log(logs, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self._is_hydra():
@@ -225,8 +181,13 @@ class InterruptCallback(TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+
+    def restore(self) -> None:
+        """Put the handlers found at the start back (also after a training that raised)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous.clear()
 
 
 def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, max_steps: int, use_bf16: bool,
@@ -291,8 +252,8 @@ def fit(
     trainable, total = count_parameters(model)
     if label:
         log(f"{label}: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:  # the recomputation in backward sees the forward's routing
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs())
         model.enable_input_require_grads()
     device = resolve_device(cfg.device)
     interrupt = InterruptCallback()
@@ -310,19 +271,19 @@ def fit(
         callbacks=[interrupt, *callbacks],
         router_lr_multiplier=cfg.router_lr_multiplier,
         domain_eval={d: TokenizedDataset(f) for d, f in domains.items()},
-        guide_weight=cfg.guide_loss_weight,
+        guide_loss_weight=cfg.guide_loss_weight,
         guide_schedule=cfg.guide_schedule,
     )
-    if hydralora_layers(model):
-        start_router_stats(model)
-        track_example_gates(model, cfg.guide_loss_weight > 0)
     resume_from = None
     if resume:
         resume_from = str(last_checkpoint(checkpoint_dir.parent))
         log(f"resuming from {resume_from}")
     trainer.shard_for_cpu()
     t0 = time.time()
-    outcome = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        outcome = trainer.train(resume_from_checkpoint=resume_from)
+    finally:  # also when training raises: Ctrl-C must work again afterwards
+        interrupt.restore()
     seconds = time.time() - t0
     # without accelerate's autocast wrapper on forward: the model returned behaves as one loaded fresh
     bare = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
@@ -332,8 +293,6 @@ def fit(
         release_zero3(trainer.model_wrapped, bare)  # likewise for ZeRO-3's partitioned weights
     if interrupt.interrupted_at is not None:
         raise TrainingInterrupted(interrupt.interrupted_at, last_checkpoint(checkpoint_dir.parent))
-    route_batch(bare, None)  # the last batch's masks must not apply to later forwards
-    track_example_gates(bare, False)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return {
         "model": bare,
@@ -345,6 +304,7 @@ def fit(
         "trainable": trainable,
         "total": total,
         "fingerprints": rank_fingerprints(bare),
+        "router_stats": trainer.take_router_stats(),
     }
 
 

@@ -15,11 +15,11 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
-from .data import group_by_domain
-from .errors import ConfigError
-from .files import read_json_object
-from .model import hydralora_layers
-from .routing import gate_statistics
+from ..data import group_by_domain
+from ..errors import ConfigError
+from ..files import read_json_object
+from ..model import hydralora_layers
+from .stats import gate_statistics
 
 
 def gates_from_file(path: str | Path, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:

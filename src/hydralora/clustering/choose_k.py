@@ -38,14 +38,15 @@ from sklearn.metrics import silhouette_score
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .base_models import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MODEL, check_placement, load_model
-from .cluster_model import DEFAULT_TFIDF, ClusterModel, check_texts, kmeans, tfidf_features
-from .data import load_examples
-from .data.builtin import resolve_builtin
-from .dist import progress
-from .errors import ClusterModelError, ConfigError
-from .files import atomic_write, write_json
-from .options import check_ranges
+from ..base_models import load_model
+from ..commands.analyze import ClusterOptions
+from ..commands.common import K_MAX
+from .kmeans import DEFAULT_TFIDF, ClusterModel, check_texts, kmeans, tfidf_features
+from ..data import load_examples
+from ..data.builtin import resolve_builtin
+from ..dist import progress
+from ..errors import ClusterModelError, ConfigError
+from ..files import atomic_write, write_json
 
 __all__ = [
     "DEFAULT_TFIDF",
@@ -65,7 +66,6 @@ __all__ = [
 MIN_ELBOW_RATIO = 3.5
 #: Silhouette scores use at most this many examples (the score is quadratic in n).
 SILHOUETTE_SAMPLE = 3000
-K_MAX = 10  # the default largest k tried, for every command
 
 
 def embedding_features(
@@ -328,33 +328,6 @@ def select_num_heads(texts: Sequence[str], k_max: int = K_MAX, seed: int = 0) ->
 
 
 # --------------------------------------------------------------------------- the command
-
-
-@dataclass
-class ClusterOptions:
-    """Choose k: TF-IDF (or embeddings) + k-means + elbow."""
-
-    data: list[str] = field(default_factory=list, metadata={"required": True})
-    """Data files, or 'builtin' (the built-in mixture's train split)."""
-    output: str = field(default="", metadata={"required": True})
-    """Directory for clusters.json, labels.jsonl, sse.png and the cluster model."""
-    k_max: int = K_MAX
-    """Largest k tried."""
-    features: str = field(default="tfidf", metadata={"choices": ("tfidf", "embeddings")})
-    """tfidf, or embeddings (mean-pooled hidden states of --model)."""
-    model: str = DEFAULT_MODEL
-    """Model for --features embeddings."""
-    seed: int = 0
-    """Seed of k-means."""
-    device: str = DEFAULT_DEVICE
-    """Where --features embeddings runs the model: auto (the GPU when there is one), cpu, cuda or cuda:N."""
-    dtype: str = DEFAULT_DTYPE
-    """Dtype of the model for --features embeddings: auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or float16."""
-
-    def __post_init__(self) -> None:
-        check_ranges(self, {"k_max": ">=1", "seed": ">=0"})
-        if self.features == "embeddings":
-            check_placement(self.device, self.dtype)
 
 
 def run_cluster(opts: ClusterOptions) -> dict[str, Any]:

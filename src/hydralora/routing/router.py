@@ -13,19 +13,27 @@ from __future__ import annotations
 
 import torch
 
-from .config import HydraLoraConfig
+from ..config import HydraLoraConfig
+
+
+def probabilities(logits: torch.Tensor, cfg: HydraLoraConfig) -> torch.Tensor:
+    """The router's softmax in float32, (N, k) from (N, k) logits of any float dtype (one
+    operation: the cast happens inside the softmax; the temperature only when it is not 1)."""
+    if cfg.router_temperature != 1.0:
+        logits = logits / cfg.router_temperature
+    return logits.softmax(-1, dtype=torch.float32)
 
 
 def gates_from_logits(logits: torch.Tensor, cfg: HydraLoraConfig, training: bool) -> torch.Tensor:
     """Softmax (or top-k renormalized) gates in float32, (N, k) from (N, k) logits; with
     head dropout in training, whole heads are dropped per token and the rest renormalized."""
     k = logits.shape[-1]
-    logits = logits.float() / cfg.router_temperature
     if cfg.router == "topk" and cfg.top_k < k:
-        top_vals, top_idx = logits.topk(cfg.top_k, dim=-1)  # (N, top_k)
-        gates = torch.zeros_like(logits).scatter(-1, top_idx, top_vals.softmax(-1))
+        scaled = logits.float() / cfg.router_temperature
+        top_vals, top_idx = scaled.topk(cfg.top_k, dim=-1)  # (N, top_k)
+        gates = torch.zeros_like(scaled).scatter(-1, top_idx, top_vals.softmax(-1))
     else:
-        gates = logits.softmax(-1)
+        gates = probabilities(logits, cfg)
     if training and cfg.head_dropout > 0:
         keep = torch.rand_like(gates) >= cfg.head_dropout  # (N, k)
         kept = gates * keep
@@ -49,7 +57,7 @@ def balance_loss(logits: torch.Tensor, cfg: HydraLoraConfig, weight: torch.Tenso
     f_i: share of tokens whose top-`top_k` selection includes head i (divided by top_k);
     P_i: mean router probability of head i. Only P carries a gradient.
     """
-    probs = (logits.float() / cfg.router_temperature).softmax(-1)  # (N, k)
+    probs = probabilities(logits, cfg)  # (N, k)
     k = probs.shape[-1]
     top_k = cfg.top_k if cfg.router == "topk" else 1
     chosen = probs.topk(top_k, dim=-1).indices  # (N, top_k)
@@ -76,13 +84,13 @@ def guide_loss(example_gates: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 def pool_sequence(x: torch.Tensor, lead: tuple[int, ...], mask: torch.Tensor | None) -> torch.Tensor:
     """Mean of the (N, d) rows of each example over its masked positions -> (B, d). `mask`
-    (B, T0) marks the tokens to pool (the prompt; T0 <= T, later tokens are not pooled); an
-    example with none, or no usable mask, pools all its tokens."""
+    (B, T0) marks the tokens to pool (the prompt; T0 <= T, later tokens are not pooled; the
+    routing context checks its shape); an example with no masked token pools all of them."""
     b = lead[0] if len(lead) > 1 else x.shape[0]
     rows = x.view(b, -1, x.shape[-1])  # (B, T, d)
-    t = rows.shape[1]
-    if mask is None or mask.dim() != 2 or mask.shape[0] != b or mask.shape[1] > t:
+    if mask is None:
         return rows.mean(1)
+    t = rows.shape[1]
     if mask.shape[1] < t:  # tokens generated after the prompt are not pooled
         mask = torch.nn.functional.pad(mask, (0, t - mask.shape[1]), value=False)
     w = mask.reshape(b, t, 1).to(rows.dtype)  # (B, T, 1)
@@ -92,7 +100,7 @@ def pool_sequence(x: torch.Tensor, lead: tuple[int, ...], mask: torch.Tensor | N
 
 
 class RouterStats:
-    """Running sums of router statistics over the tokens seen while recording is on.
+    """Running sums of one layer's router statistics over the tokens it was given.
 
     The sums live in one tensor on the gates' device, updated by one in-place add without
     reading anything back; `summary()` copies them to the host (call it when logging).
@@ -109,7 +117,7 @@ class RouterStats:
         if g.device != self.sums.device:  # first use on another device: follow the gates
             self.sums = torch.zeros_like(self.sums, device=g.device)
         w = torch.ones(g.shape[0], device=g.device) if weight is None else weight.detach().float()
-        top1 = torch.nn.functional.one_hot(g.argmax(-1), self.num_heads).float()  # (N, k)
+        top1 = torch.zeros_like(g).scatter_(-1, g.argmax(-1, keepdim=True), 1.0)  # (N, k); one_hot syncs
         entropy = -(g * g.clamp_min(1e-12).log()).sum(-1)  # (N,)
         per_token = torch.cat([g, top1, entropy[:, None], torch.ones_like(entropy)[:, None]], -1)
         self.sums.add_((per_token * w[:, None]).sum(0).double())

@@ -1,6 +1,6 @@
 """The cluster model: TF-IDF features and k-means centroids, saved without pickle.
 
-Used to choose k (`hydralora.clustering`) and, for the LoRA-Split baseline and per-cluster
+Used to choose k (`clustering.choose_k`) and, for the LoRA-Split baseline and per-cluster
 exports, to send each prompt to the cluster of its nearest centroid.
 """
 
@@ -20,8 +20,8 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.metrics import pairwise_distances_argmin
 from threadpoolctl import threadpool_limits
 
-from .errors import ClusterModelError
-from .files import atomic_write
+from ..errors import ClusterModelError
+from ..files import atomic_write
 
 #: Words and single punctuation characters, lower-cased, most frequent 300, 1 + log tf, L2.
 DEFAULT_TFIDF: dict[str, Any] = {

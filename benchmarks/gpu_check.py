@@ -5,10 +5,14 @@
     python benchmarks/gpu_check.py --tiny --no-compile --json out.json   # same code, tiny, CPU
 
 Measures (ratios HydraLoRA / PEFT LoRA): train step time and peak memory, eager and with
-torch.compile; one adapted layer's forward+backward at the 4096 shapes (layer_speed.py's
-variants); generation tokens/s at batch 1 and 32. Without CUDA it runs the same code on the
-CPU with a tiny model (--tiny is then the default) and float32. Prints the ratios and writes
-them to --json (default gpu_check.json).
+torch.compile, for HydraLoRA's fused autograd Function and for its plain-autograd path (which
+one torch.compile should trace is `layer.FUSED_UNDER_COMPILE`, chosen from these figures);
+the operations one training step launches per adapted layer (a CPU dispatch count of the same
+step: the proxy a machine without a GPU can measure); one adapted layer's forward+backward at
+the 4096 shapes and 1,024 / 4,096 / 16,384 tokens (layer_speed.py's variants); generation
+tokens/s at batch 1 and 32. Without CUDA it runs the same code on the CPU with a tiny model
+(--tiny is then the default) and float32. Prints the ratios and writes them to --json
+(default gpu_check.json).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layer_speed import build_variants, step  # noqa: E402
+from op_count import OpCounter  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES = {  # LlamaConfig values
@@ -62,11 +67,15 @@ def build(method: str, shape: str, device: torch.device, dtype: torch.dtype):
     with torch.device(device):  # initialized where it runs: seconds, not a minute, for 1B on a GPU
         model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape], tie_word_embeddings=False))
     model.to(dtype=dtype)
-    if method == "hydra":
-        from hydralora import HydraLoraConfig, add_hydralora
+    if method.startswith("hydra"):
+        from hydralora import HydraLoraConfig, add_hydralora, hydralora_layers
 
         add_hydralora(model, HydraLoraConfig(r=8, alpha=16, num_heads=4, dropout=0.0,
                                              target_modules=TARGETS))
+        for layer in hydralora_layers(model).values():
+            layer.fuse_when_compiled = True  # "hydra": the Function, also when compiled
+            if method == "hydra-autograd":  # the plain-autograd path of the same layers
+                layer.fusable = False
     else:
         from peft import LoraConfig, get_peft_model
 
@@ -103,6 +112,15 @@ def train_steps(method: str, args, device, dtype, compiled: bool) -> dict:
     return out
 
 
+def step_ops(method: str, args, device, dtype) -> int:
+    """Operations one training step (forward, loss, backward) dispatches."""
+    model = build(method, "tiny", torch.device("cpu"), torch.float32).train()
+    ids = torch.randint(0, SHAPES["tiny"]["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
+    with OpCounter() as counter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    return sum(counter.ops.values())
+
+
 def generation(method: str, args, device, dtype) -> dict:
     model = build(method, args.shape, device, dtype).eval()
     vocab = SHAPES[args.shape]["vocab_size"]
@@ -126,8 +144,9 @@ def layer_bench(args, device, dtype) -> list[dict]:
     results = []
     for spec in args.layer_shapes:
         d_in, d_out, tokens = (int(v) for v in spec.split("x"))
+        keep = ("base Linear", "PEFT LoRA r8", "HydraLoRA r8 k4", "HydraLoRA r8 k4 (autograd)")
         variants = {k: v.to(device=device, dtype=dtype) for k, v in build_variants(d_in, d_out, 0.0).items()
-                    if k in ("base Linear", "PEFT LoRA r8", "HydraLoRA r8 k4")}
+                    if k in keep}
         x = torch.randn(tokens, d_in, device=device, dtype=dtype, requires_grad=True)
         grad = torch.randn(tokens, d_out, device=device, dtype=dtype)
         times = {k: [] for k in variants}
@@ -143,7 +162,8 @@ def layer_bench(args, device, dtype) -> list[dict]:
                 times[name].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
         results.append({"shape": spec, "median_s": med,
-                        "hydra_k4_over_lora": med["HydraLoRA r8 k4"] / med["PEFT LoRA r8"]})
+                        "hydra_k4_over_lora": med["HydraLoRA r8 k4"] / med["PEFT LoRA r8"],
+                        "autograd_k4_over_lora": med["HydraLoRA r8 k4 (autograd)"] / med["PEFT LoRA r8"]})
     return results
 
 
@@ -162,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.warmup = 1 if tiny else 3
     args.new_tokens = 4 if tiny else 64
     args.gen_batches = [1, 4] if tiny else [1, 32]
-    args.layer_shapes = ["64x128x64"] if tiny else ["4096x4096x1024", "4096x11008x1024"]
+    args.layer_shapes = ["64x128x64"] if tiny else ["4096x4096x1024", "4096x4096x4096", "4096x4096x16384",
+                                                     "4096x11008x1024"]
     args.layer_rounds = 3 if tiny else 20
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -182,14 +203,26 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name}: failed: {type(err).__name__}: {str(err)[:500]}", flush=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
 
+    def ops() -> None:
+        counts = {m: step_ops(m, args, device, dtype) for m in ("lora", "hydra", "hydra-autograd")}
+        layers = 2 * len(TARGETS)  # the tiny shape's adapted layers
+        report["ops_per_step"] = {**counts, "extra_per_layer": (counts["hydra"] - counts["lora"]) / layers,
+                                  "autograd_extra_per_layer": (counts["hydra-autograd"] - counts["lora"]) / layers}
+        print(f"ops per training step (tiny Llama, CPU dispatch count): LoRA {counts['lora']}, "
+              f"HydraLoRA {counts['hydra']} ({report['ops_per_step']['extra_per_layer']:+.2f} per "
+              f"adapted layer), plain autograd {counts['hydra-autograd']}", flush=True)
+
     def train(mode: str) -> None:
-        runs = {m: train_steps(m, args, device, dtype, mode == "compile") for m in ("lora", "hydra")}
+        runs = {m: train_steps(m, args, device, dtype, mode == "compile")
+                for m in ("lora", "hydra", "hydra-autograd")}
         report["train"][mode] = {
             **runs,
             "step_ratio": runs["hydra"]["step_s"] / runs["lora"]["step_s"],
+            "autograd_step_ratio": runs["hydra-autograd"]["step_s"] / runs["lora"]["step_s"],
             "memory_ratio": runs["hydra"]["peak_mib"] / runs["lora"]["peak_mib"],
         }
-        print(f"train {mode}: HydraLoRA/LoRA step time x{report['train'][mode]['step_ratio']:.3f}, "
+        print(f"train {mode}: HydraLoRA/LoRA step time x{report['train'][mode]['step_ratio']:.3f} "
+              f"(plain autograd x{report['train'][mode]['autograd_step_ratio']:.3f}), "
               f"peak memory x{report['train'][mode]['memory_ratio']:.3f} "
               f"(LoRA {runs['lora']['step_s'] * 1e3:.1f} ms, {runs['lora']['peak_mib']:.0f} MiB; "
               f"HydraLoRA {runs['hydra']['step_s'] * 1e3:.1f} ms, {runs['hydra']['peak_mib']:.0f} MiB)",
@@ -198,7 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
     def layer() -> None:
         report["layer"] = layer_bench(args, device, dtype)
         for res in report["layer"]:
-            print(f"layer {res['shape']}: HydraLoRA k=4 / PEFT LoRA x{res['hydra_k4_over_lora']:.3f}", flush=True)
+            print(f"layer {res['shape']}: HydraLoRA k=4 / PEFT LoRA x{res['hydra_k4_over_lora']:.3f} "
+                  f"(plain autograd x{res['autograd_k4_over_lora']:.3f})", flush=True)
 
     def generate() -> None:
         gen = {m: generation(m, args, device, dtype) for m in ("lora", "hydra")}
@@ -207,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"generation {k.removesuffix('_tok_s')}: HydraLoRA {gen['hydra'][k]:.1f} tok/s, "
                   f"LoRA {gen['lora'][k]:.1f} tok/s (x{report['generation'][k + '_ratio']:.3f})", flush=True)
 
+    section("ops", ops)
     section("train eager", lambda: train("eager"))
     section("layer", layer)
     section("generation", generate)

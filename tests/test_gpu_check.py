@@ -25,12 +25,15 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path, monkeypatch, capsys):
     assert report["model"] == "tiny" and report["device"] and "errors" not in report
     eager = report["train"]["eager"]
     assert eager["step_ratio"] > 0 and eager["memory_ratio"] > 0
-    assert report["layer"][0]["hydra_k4_over_lora"] > 0
+    assert eager["autograd_step_ratio"] > 0  # the plain-autograd path, measured beside the fused one
+    assert report["layer"][0]["hydra_k4_over_lora"] > 0 and report["layer"][0]["autograd_k4_over_lora"] > 0
+    ops = report["ops_per_step"]
+    assert ops["hydra"] > 0 and ops["lora"] > 0 and ops["extra_per_layer"] < ops["autograd_extra_per_layer"]
     assert {"batch1_tok_s_ratio", "batch4_tok_s_ratio"} <= set(report["generation"])
     printed = capsys.readouterr().out
-    assert "HydraLoRA/LoRA step time" in printed and "wrote" in printed
-    sys.modules.pop("gpu_check", None)
-    sys.modules.pop("layer_speed", None)
+    assert "HydraLoRA/LoRA step time" in printed and "ops per training step" in printed and "wrote" in printed
+    for name in ("gpu_check", "layer_speed", "op_count"):
+        sys.modules.pop(name, None)
 
 
 def test_a_failing_section_is_recorded_and_the_next_still_runs(tmp_path, monkeypatch):
@@ -48,5 +51,5 @@ def test_a_failing_section_is_recorded_and_the_next_still_runs(tmp_path, monkeyp
     assert "no kernel image" in report["errors"]["layer"]
     assert {"batch1_tok_s_ratio", "batch4_tok_s_ratio"} <= set(report["generation"])
     assert json.loads(out.read_text())["errors"] == report["errors"]
-    sys.modules.pop("gpu_check", None)
-    sys.modules.pop("layer_speed", None)
+    for name in ("gpu_check", "layer_speed", "op_count"):
+        sys.modules.pop(name, None)

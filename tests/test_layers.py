@@ -194,3 +194,28 @@ def test_help_imports_no_heavy_library(argv):
         pytest.skip(f"no {argv[0]} command")
     names = imported_modules(*argv)
     assert names and not names & set(HEAVY), sorted(names & set(HEAVY))
+
+
+def test_info_and_route_import_only_what_they_use(tmp_path):
+    """`hydralora info` reads an adapter folder with JSON and numpy; `hydralora route` needs
+    scikit-learn's TF-IDF, not torch, transformers or PEFT."""
+    import json
+
+    from torch import nn
+
+    from hydralora import HydraLoraConfig, add_hydralora, save_adapter
+    from hydralora.clustering.kmeans import ClusterModel
+
+    model = nn.Sequential()
+    model.add_module("proj", nn.Linear(8, 8))
+    add_hydralora(model, HydraLoraConfig(r=2, num_heads=2, target_modules=["proj"], init_heads="random"))
+    save_adapter(model, tmp_path / "adapter")
+    names = imported_modules("info", str(tmp_path / "adapter"))
+    assert "numpy" in names and not names & {"torch", "transformers", "peft", "sklearn", "matplotlib"}
+
+    folder = tmp_path / "split"
+    ClusterModel.fit(["add two numbers", "sum of digits", "write a poem", "a song about rain"] * 3,
+                     2, seed=0).save(folder)
+    (folder / "lora_split.json").write_text(json.dumps({"adapters": ["math", "poems"]}))
+    names = imported_modules("route", "--adapter", str(folder), "--prompt", "add 2 and 3")
+    assert "sklearn" in names and not names & {"torch", "transformers", "peft", "matplotlib"}

@@ -119,6 +119,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_model_dir, data8, 
     assert main(train_cmd(tiny_model_dir, data8, out)) == 2
     err = capsys.readouterr().err
     assert "the loss became nan at step 5" in err and "Traceback" not in err
+    assert f"kept in {out / 'checkpoints'}:" in err  # the real folder, not a placeholder
     assert (out / "checkpoints" / "checkpoint-4" / ".complete").exists()
     assert not (out / "adapter_model.safetensors").exists()
     assert torch.isfinite(load_file(str(out / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors"))[

@@ -48,11 +48,13 @@ def run_target(target: str, *args: Any) -> Any:
     return getattr(importlib.import_module(module), function)(*args)
 
 
-def preset_help() -> dict[str, str]:
-    """What the adapter flags' help shows as their default: the presets' values, where they set one."""
-    keys = {k for p in PRESETS.values() for k in p.adapter}
-    return {k: "from --preset (" + ", ".join(f"{n}: {p.adapter.get(k, 'as below')}"
-                                            for n, p in PRESETS.items()) + ")" for k in sorted(keys)}
+def preset_help(part: str) -> dict[str, str]:
+    """What the flags' help shows as the default of a key a preset sets (`part`: 'adapter' or
+    'training'): each preset's value."""
+    values = {n: getattr(p, part) for n, p in PRESETS.items()}
+    keys = sorted({k for v in values.values() for k in v})
+    return {k: "from --preset (" + ", ".join(f"{n}: {v.get(k, 'as below')}" for n, v in values.items()) + ")"
+            for k in keys}
 
 
 def int_or_auto(value: str) -> int | str:
@@ -68,7 +70,7 @@ def int_or_auto(value: str) -> int | str:
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune a model with HydraLoRA (or a LoRA baseline)")
     p.add_argument("--config", help="YAML file of options (flags given here win)")
-    add_dataclass_flags(p, TrainConfig, skip=("adapter",))
+    add_dataclass_flags(p, TrainConfig, skip=("adapter",), defaults=preset_help("training"))
     p.add_argument("--trainer-arg", dest="trainer_args", action="append", type=trainer_arg,
                    default=argparse.SUPPRESS, metavar="KEY=VALUE",
                    help="any transformers TrainingArguments field, e.g. optim=adamw_torch_fused, "
@@ -77,7 +79,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                         "lists, {json}); repeatable; YAML config: a `trainer:` mapping")
     # --adapter-rank: torchrun's own parser mistakes a bare --r for its --rdzv-* options
     add_dataclass_flags(p, HydraLoraConfig, skip=ADAPTER_SKIP, types_override={"num_heads": int_or_auto},
-                        aliases={"r": ["--adapter-rank"]}, defaults=preset_help())
+                        aliases={"r": ["--adapter-rank"]}, defaults=preset_help("adapter"))
     p.set_defaults(func=cmd_train)
 
 

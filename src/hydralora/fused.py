@@ -78,6 +78,7 @@ class HydraFused(torch.autograd.Function):
         ctx.scaling, ctx.p, ctx.x_dtype = scaling, p, x.dtype
         ctx.owns_base = weight is not None
         ctx.mark_non_differentiable(gates)
+        ctx.set_materialize_grads(False)  # no zeros are made for the gates' (absent) gradient
         return y, gates
 
     @staticmethod
@@ -89,6 +90,8 @@ class HydraFused(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, dy):
         need_x, need_base, _, _, need_a, need_wg, need_b = ctx.needs_input_grad[:7]
+        if dy is None:  # nothing downstream used y
+            return (None,) * 10
         xc, xd, mask, h, gates, z, a, wg, a_wg, b, w0 = ctx.saved_tensors
         s, p = ctx.scaling, ctx.p
         n, k, r = xc.shape[0], gates.shape[1], h.shape[1]

@@ -51,9 +51,11 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 
 SUPPORTED_BASE_TYPES = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
 
-FUSED_UNDER_COMPILE = True
-"""Whether torch.compile traces the fused Function (True) or the plain autograd path (False);
-chosen by benchmarks/layer_speed.py --compile (docs/benchmarks.md)."""
+FUSED_UNDER_COMPILE = False
+"""Whether torch.compile traces the fused Function (True) or the plain autograd path (False),
+for layers built from now on (each keeps its own `fuse_when_compiled`). Chosen by measurement
+(docs/benchmarks.md): on the CPU, inductor fuses the plain path's elementwise operations itself
+and the compiled layer was 3-20% faster that way; benchmarks/gpu_check.py measures both on a GPU."""
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -119,6 +121,7 @@ class HydraLoraLinear(nn.Module):
         self.fusable = (config.has_router and cfg.router == "softmax" and cfg.router_input == "x"
                         and cfg.routing == "token" and cfg.shared_a and cfg.head_dropout == 0
                         and cfg.router_temperature == 1.0)
+        self.fuse_when_compiled = FUSED_UNDER_COMPILE
         self.reset_parameters()
 
     @classmethod
@@ -194,7 +197,7 @@ class HydraLoraLinear(nn.Module):
             return False
         if ctx is not None and (ctx.forced_gates is not None or ctx.example_gates):
             return False
-        if torch.compiler.is_compiling() and not FUSED_UNDER_COMPILE:
+        if not self.fuse_when_compiled and torch.compiler.is_compiling():
             return False
         return autocast or x.dtype == self.lora_A.dtype
 

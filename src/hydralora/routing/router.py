@@ -116,11 +116,13 @@ class RouterStats:
         g = gates.detach().float()
         if g.device != self.sums.device:  # first use on another device: follow the gates
             self.sums = torch.zeros_like(self.sums, device=g.device)
-        w = torch.ones(g.shape[0], device=g.device) if weight is None else weight.detach().float()
         top1 = torch.zeros_like(g).scatter_(-1, g.argmax(-1, keepdim=True), 1.0)  # (N, k); one_hot syncs
-        entropy = -(g * g.clamp_min(1e-12).log()).sum(-1)  # (N,)
-        per_token = torch.cat([g, top1, entropy[:, None], torch.ones_like(entropy)[:, None]], -1)
-        self.sums.add_((per_token * w[:, None]).sum(0).double())
+        entropy = torch.special.entr(g).sum(-1, keepdim=True)  # (N, 1): -sum_i g_i log g_i
+        per_token = torch.cat([g, top1, entropy, g.new_ones(g.shape[0], 1)], -1)  # (N, 2k + 2)
+        if weight is None:
+            self.sums.add_(per_token.sum(0))
+        else:
+            self.sums.add_(weight.detach().to(g.dtype) @ per_token)  # padding weighs 0
 
     @property
     def tokens(self) -> int:

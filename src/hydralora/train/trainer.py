@@ -72,7 +72,8 @@ class ResponseLossTrainer(Trainer):
         if num_items_in_batch is None:  # evaluation: the batch's mean
             loss = nll.sum() / max(nll.numel(), 1)
             if model.training:
-                loss = loss / self.current_gradient_accumulation_steps
+                loss = loss / getattr(self, "current_gradient_accumulation_steps",
+                                      self.args.gradient_accumulation_steps)
         else:
             loss = nll.sum() / num_items_in_batch
             if self.args.average_tokens_across_devices:  # DDP averages; undo it

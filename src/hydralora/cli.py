@@ -13,7 +13,9 @@ runs (`COMMANDS` names it as "module:function"), so `--help`, `info` and `route`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from typing import Any
 import yaml
 
 from .commands.analyze import AnalyzeOptions, ClusterOptions
+from .commands.compare import CompareOptions
 from .commands.demo import BuiltinDataOptions, DemoOptions
 from .commands.evaluate import EvalOptions, GenerateOptions
 from .commands.export import ExportOptions, RouteOptions
@@ -175,17 +178,23 @@ COMMANDS: list[tuple[str, type, str]] = [
     ("info", InfoOptions, "hydralora.info:run_info"),
     ("push", PushOptions, "hydralora.hub:push"),
     ("demo", DemoOptions, "hydralora.demo:run_demo"),
+    ("compare", CompareOptions, "hydralora.compare.report:run_compare"),
 ]
 
 
 def add_options_parser(sub: argparse._SubParsersAction, name: str, cls: type,
                        run: str) -> argparse.ArgumentParser:
     doc = (cls.__doc__ or name).strip().rstrip(".")
-    p = sub.add_parser(name, help=doc[:1].lower() + doc[1:])
+    # compare passes unknown flags on to train: no abbreviations (`--lr` must not mean --lr-grid)
+    p = sub.add_parser(name, help=doc[:1].lower() + doc[1:], allow_abbrev=cls is not CompareOptions)
     add_dataclass_flags(p, cls)
 
     def call(args: argparse.Namespace) -> int:
-        run_target(run, options_from_args(cls, args))
+        opts = options_from_args(cls, args)
+        if cls is CompareOptions:  # the other flags are training flags, for every run
+            opts.train_args = list(getattr(args, "train_args", []))
+            opts.train_values = training_flags(opts.train_args)
+        run_target(run, opts)
         return 0
 
     p.set_defaults(func=call, options=cls)
@@ -209,11 +218,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def training_flags(argv: list[str]) -> dict[str, Any]:
+    """{option: value} of `hydralora train` flags given in `argv`, read by train's own parser (an
+    unknown flag or a bad value stops here, naming it)."""
+    parser = argparse.ArgumentParser(prog="hydralora compare", add_help=False)
+    add_train_parser(parser.add_subparsers(dest="command"))
+    messages = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(messages):
+            args = parser.parse_args(["train", "--data", "-", "--output", "-", *argv])
+    except SystemExit:
+        why = (messages.getvalue().strip().splitlines() or ["?"])[-1].split("error:", 1)[-1].strip()
+        raise ConfigError(f"compare: {why} (the flags after the compare options go to every "
+                          "`hydralora train` run: see hydralora train --help)") from None
+    return {k: v for k, v in vars(args).items() if k not in ("data", "output", "command", "func")}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # only compare takes flags of another command: train's, for every run
+        if getattr(args, "command", None) != "compare":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.train_args = extra
     try:
         return args.func(args)
     except KeyboardInterrupt:

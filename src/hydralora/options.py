@@ -78,7 +78,7 @@ def add_dataclass_flags(
     docs = field_docs(cls)
     group = parser.add_argument_group(cls.__name__)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or f.metadata.get("skip"):  # `skip`: filled by the caller, not a flag
             continue
         kind = _kind(hints[f.name])
         if kind == "dict":

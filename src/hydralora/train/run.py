@@ -18,6 +18,7 @@ from ..clustering.kmeans import ClusterModel
 from ..config import HydraLoraConfig
 from ..data import Example, load_examples, tokenize_examples
 from ..data.builtin import resolve_builtin
+from ..data.conflict import resolve_conflict
 from ..dist import is_main_process, log, world_size
 from ..eval.loss import domain_losses
 from ..files import write_json, write_yaml
@@ -46,7 +47,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def resolve_data(paths: list[str], cfg: TrainConfig, split: str) -> list[str]:
-    """Replace 'builtin' by the built-in mixture's files, written under OUTPUT/data."""
+    """Replace 'builtin' and 'builtin-conflict' by the built-in mixtures' files, written under
+    OUTPUT/data."""
+    paths = resolve_conflict(paths, Path(cfg.output) / "data" / "conflict", split)
     return resolve_builtin(paths, Path(cfg.output) / "data", split,
                            train_per_domain=cfg.builtin_train_per_domain,
                            test_per_domain=cfg.builtin_test_per_domain)

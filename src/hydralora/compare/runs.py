@@ -238,6 +238,8 @@ class Runs:
             futures = {pool.submit(self.train, name, seed, argv): (name, seed, tuple(argv))
                        for name, seed, argv in jobs}
             for future in as_completed(futures):
+                if future.cancelled():  # not started after an earlier failure
+                    continue
                 try:
                     results[futures[future]] = future.result()
                 except TrainingError as err:

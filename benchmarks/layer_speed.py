@@ -97,6 +97,12 @@ def build_variants(d_in: int, d_out: int, dropout: float) -> dict[str, nn.Module
             twin.load_state_dict(layer.state_dict())
             twin.fusable = False
             variants["HydraLoRA r8 k4 (autograd)"] = twin
+        if k == 4 and dropout > 0:  # the authors' training noise: a dropout mask per head
+            heads_cfg = HydraLoraConfig(r=8, alpha=16, num_heads=k, dropout=dropout,
+                                        dropout_masks="per_head", target_modules=["x"])
+            per_head = HydraLoraLinear(nn.Linear(d_in, d_out, bias=False).requires_grad_(False), heads_cfg)
+            per_head.load_state_dict(layer.state_dict())
+            variants["HydraLoRA r8 k4 (per-head masks)"] = per_head
     for k in (4, 8):
         loop_base = nn.Linear(d_in, d_out, bias=False).requires_grad_(False)
         loop_base.weight.data.copy_(base.weight)

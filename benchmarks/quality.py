@@ -28,19 +28,29 @@ machine it ran on in machine.json, and the report names the machines of the runs
 from __future__ import annotations
 
 import argparse
-import functools
-import hashlib
 import json
 import os
-import platform
 import re
 import statistics
-import subprocess
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
+
+from hydralora.compare.runs import (  # the engine `hydralora compare` runs on
+    MACHINE_FILE,
+    eval_machine_path,
+    Runs,
+    canonical_flags,
+    cli,
+    describe_machine,
+    file_sha256,
+    flags_hash,
+    recorded_config_problems,
+    run_command,
+)
+from hydralora.compare.runs import read_json as read_machine
+from hydralora.errors import TrainingError
 
 PRESETS = {
     "reduced": {
@@ -66,6 +76,15 @@ PRESETS = {
                   "--max-steps", "144", "--batch-size", "4", "--max-length", "192",
                   "--skip-overlong", "--lr", "1e-3", "--warmup-ratio", "0.05",
                   "--logging-steps", "24", "--save-steps", "0", "--no-eval-base"],
+        "seeds": [0, 1],
+        "task_seeds": [],
+        "max_new_tokens": 128,
+    },
+    "paper": {  # the authors' recipe at our scale: one epoch, lr 2e-4 cosine, 3% warmup (issue 23)
+        "train": ["--builtin-train-per-domain", "64", "--builtin-test-per-domain", "16",
+                  "--epochs", "1", "--batch-size", "8", "--max-length", "1024",
+                  "--lr", "2e-4", "--lr-scheduler", "cosine", "--warmup-ratio", "0.03",
+                  "--weight-decay", "0", "--logging-steps", "8", "--save-steps", "0", "--no-eval-base"],
         "seeds": [0, 1],
         "task_seeds": [],
         "max_new_tokens": 128,
@@ -126,6 +145,13 @@ VARIANTS = {
     "lora-r24": ["--method", "lora", "--r", "24"],
     # (k = 4, the mixture's domains and the automatic choice on it, pinned: small splits give 1)
     "hydra-default-k4": [*DEFAULT, "--num-heads", "4"],
+    # issue 23: the paper's protocol: alpha 32 for every rank (the preset), then equal scale
+    "paper-hydra-r8": ["--method", "hydralora", "--preset", "paper", "--r", "8", "--num-heads", "4"],
+    "paper-lora-r8": ["--method", "lora", "--r", "8", "--alpha", "32"],
+    "paper-lora-r32": ["--method", "lora", "--r", "32", "--alpha", "32"],
+    "paper-lora-r32-scale4": ["--method", "lora", "--r", "32", "--alpha", "128"],
+    # issue 23: the authors' training noise, a dropout mask per head
+    "hydra-default-k4-per-head-masks": [*DEFAULT, "--num-heads", "4", "--dropout-masks", "per_head"],
     "hydra-oracle-domain": [*RANDOM, "--routing", "oracle", "--route-labels-from", "domain",
                             "--num-heads", "4"],
     "hydra-oracle-cluster": [*RANDOM, "--routing", "oracle", "--route-labels-from", "cluster",
@@ -150,6 +176,10 @@ SETS = {
     "heads": ["lora-r8", "lora-r16", "lora-r32", "lora-r32-alpha64", "hydra-auto",
               "hydra-random-init", "hydra-random-init-router-lr10", "hydra-one-head-random-init"],
     # issue 16: routing that separates the domains, against LoRAs of equal parameters and scale
+    # issue 23: the paper's protocol (alpha 32 at every rank), and LoRA r=32 at HydraLoRA's scale
+    "paper-protocol": ["paper-lora-r8", "paper-lora-r32", "paper-hydra-r8", "paper-lora-r32-scale4"],
+    # issue 23: one dropout mask for every head (ours) or one per head (the authors')
+    "masks": ["lora-r24", "hydra-default-k4", "hydra-default-k4-per-head-masks"],
     "routing": ["lora-r8", "lora-r24", "lora-r32", "hydra-one-head-random-init",
                 "hydra-default-k4", "hydra-oracle-domain", "hydra-oracle-cluster",
                 "hydra-guided", "hydra-guided-decay", "hydra-sequence", "hydra-sequence-top1-guided"],
@@ -179,6 +209,11 @@ LABELS = {
     "hydra-one-head-random-init": "control: one head, A = 0, B random (a LoRA)",
     "lora-r24": "LoRA r=24 (about HydraLoRA k=4's parameters)",
     "hydra-default-k4": "HydraLoRA k=4, random heads + router lr x10 (train's defaults)",
+    "hydra-default-k4-per-head-masks": "HydraLoRA k=4, train's defaults + a dropout mask per head (the authors')",
+    "paper-hydra-r8": "HydraLoRA r=8, k=4, the paper's recipe (alpha 32: scale 4)",
+    "paper-lora-r8": "LoRA r=8, alpha 32 (scale 4)",
+    "paper-lora-r32": "LoRA r=32, alpha 32 (scale 1)",
+    "paper-lora-r32-scale4": "LoRA r=32, alpha 128 (scale 4, HydraLoRA's)",
     "hydra-oracle-domain": "HydraLoRA, oracle routing by domain (diagnostic)",
     "hydra-oracle-cluster": "HydraLoRA, oracle routing by k-means cluster (diagnostic)",
     "hydra-guided": "HydraLoRA, cluster-guided router (weight 1)",
@@ -188,50 +223,20 @@ LABELS = {
 }
 
 
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "hydralora", *args]
-
-
 THREADS: int | None = None  # torch threads per training run when runs share the machine (--jobs)
 MODEL = "smollm2-135m"
-HASH_CHARS = 10  # hex characters of the flags hash in a run's folder name
-MACHINE_FILE = "machine.json"  # where a run ran, written beside it once it is trained
-FLAGS_FILE = "flags.json"  # the flags a run was trained with, and their hash
 VAL_PER_DOMAIN = 16  # examples per domain carved from the train split to choose learning rates
 
 
 def run(cmd: list[str], log: Path, threads: int | None = None) -> None:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\nsee {log}")
+    try:
+        run_command(cmd, log, threads)
+    except TrainingError as err:
+        raise SystemExit(str(err)) from None
 
 
-# ------------------------------------------------------------------ run keys: folders by flags
-def canonical_flags(argv: list[str]) -> dict[str, list[str]]:
-    """Flags as {flag: values}, sorted by flag; a repeated flag keeps its last values, as argparse
-    does (so `[*PAPER, "--num-heads", "1"]` and the same flags written once give one key)."""
-    flags: dict[str, list[str]] = {}
-    current = None
-    for token in argv:
-        if token.startswith("--"):
-            current = token
-            flags[current] = []
-        elif current is None:
-            raise ValueError(f"a value before any flag: {argv}")
-        else:
-            flags[current].append(token)
-    return dict(sorted(flags.items()))
-
-
-def flags_hash(key: object) -> str:
-    """Short sha256 of the JSON of `key` (sorted keys): the same flags, the same hash."""
-    text = json.dumps(key, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:HASH_CHARS]
+def runs(root: Path, fresh: bool = False) -> Runs:
+    return Runs(root, fresh=fresh, threads=THREADS, log=lambda message: print(f"[quality] {message}", flush=True))
 
 
 def adapter_rank(name: str) -> int:
@@ -329,18 +334,14 @@ def choose_lrs(names: list[str], preset: dict, root: Path, args) -> dict[str, di
     return grid
 
 
-def train_hash(name: str, seed: int, preset: dict) -> str:
-    return flags_hash(canonical_flags(train_argv(name, seed, preset)))
-
-
 def run_dir(root: Path, name: str, seed: int, preset: dict) -> Path:
     """A training run's folder: <variant>-s<seed>-<hash of its full flags>."""
-    return root / f"{name}-s{seed}-{train_hash(name, seed, preset)}"
+    return runs(root).run_dir(name, seed, train_argv(name, seed, preset))
 
 
 def is_complete(out: Path) -> bool:
     """A finished run: training wrote its summary and we recorded its flags and machine."""
-    return all((out / f).exists() for f in ("summary.json", FLAGS_FILE, MACHINE_FILE))
+    return runs(out.parent).is_complete(out)
 
 
 def legacy_run_dirs(root: Path) -> list[Path]:
@@ -360,132 +361,14 @@ def warn_legacy(root: Path) -> None:
               "reused; delete them once no longer needed", flush=True)
 
 
-# ------------------------------------------------------------- train_config.yaml against flags
-def same_scalar(recorded: object, expected: str) -> bool | None:
-    """Whether a recorded value equals a flag's value; None when they cannot be compared."""
-    if isinstance(recorded, (list, dict)) or recorded is None:
-        return None
-    if isinstance(recorded, bool) or expected.lower() in ("true", "false"):
-        return str(recorded).lower() == expected.lower()
-    try:
-        return float(recorded) == float(expected)
-    except (TypeError, ValueError):
-        return str(recorded) == expected
-
-
-def same_value(recorded: object, expected: bool | list[str]) -> bool | None:
-    if isinstance(expected, bool):
-        return recorded is expected if isinstance(recorded, bool) else None
-    if isinstance(recorded, list):
-        if len(recorded) != len(expected):
-            return False
-        return all(same_scalar(r, e) is not False for r, e in zip(recorded, expected))
-    return same_scalar(recorded, expected[0]) if len(expected) == 1 else None
-
-
-def config_mismatches(config: dict, flags: dict[str, list[str]]) -> list[str]:
-    """Flags whose value the run's train_config.yaml contradicts. Lenient: a flag with no field
-    there, 'auto' (resolved during training) or a value of another shape is not compared."""
-    problems = []
-    for flag, values in flags.items():
-        field = flag[2:].replace("-", "_")
-        expected: bool | list[str] = values
-        if not values:  # a BooleanOptionalAction: --x is True, --no-x is False
-            negated = field.startswith("no_") and field[3:] in config
-            field, expected = (field[3:], False) if negated else (field, True)
-        if field not in config or values == ["auto"]:
-            continue
-        if same_value(config[field], expected) is False:
-            given = " ".join([flag, *values])
-            problems.append(f"{given} but train_config.yaml has {field}: {config[field]!r}")
-    return problems
-
-
-def recorded_config_problems(out: Path, argv: list[str]) -> list[str]:
-    """Contradictions between the run's recorded train_config.yaml and `argv` (none if absent)."""
-    import yaml
-
-    path = out / "train_config.yaml"
-    if not path.exists():
-        return []
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        return [f"unreadable {path}: {err}"]
-    if not isinstance(config, dict):
-        return [f"{path} is not a mapping"]
-    return config_mismatches(config, canonical_flags(argv))
-
-
-# ---------------------------------------------------------------------------- machine records
-@functools.lru_cache(maxsize=1)
-def machine_info() -> dict:
-    """What this process runs on: CPU model and cores, the CPU's bf16 features, torch, GPU."""
-    import torch
-
-    cpu_model, cpu_flags = "", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and not cpu_model:
-                cpu_model = value.strip()
-            elif key.strip() == "flags" and not cpu_flags:
-                cpu_flags = set(value.split())
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu_model": cpu_model or platform.processor() or "unknown CPU",
-            "cpu_cores": os.cpu_count(),
-            "avx512_bf16": "avx512_bf16" in cpu_flags,
-            "amx": sorted(f for f in cpu_flags if f.startswith("amx")),
-            "torch": torch.__version__,
-            "gpu": gpu,
-            "machine": platform.machine(),
-            "system": platform.system(),
-            "platform": platform.platform(),
-            "python": platform.python_version()}
-
-
-def describe_machine(m: dict | None) -> str:
-    if not m:
-        return "an unrecorded machine"
-    bf16 = [f for f, on in (("AVX512-BF16", m.get("avx512_bf16")), ("AMX", m.get("amx"))) if on]
-    return (f"{m.get('machine')} {m.get('system')}, {m.get('cpu_model')}, {m.get('cpu_cores')} CPU "
-            f"cores, {'with ' + ' and '.join(bf16) if bf16 else 'no AVX512-BF16 or AMX'}, torch "
-            f"{m.get('torch')}, {'GPU ' + m['gpu'] if m.get('gpu') else 'no GPU'}")
-
-
-def write_machine(path: Path) -> None:
-    path.write_text(json.dumps(machine_info(), indent=2) + "\n")
-
-
-def read_machine(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 # --------------------------------------------------------------------------- training and eval
 def train_variant(name: str, seed: int, preset: dict, root: Path, fresh: bool) -> dict:
     """Train (name, seed) into its flags-keyed folder, or reuse that folder when it is complete
-    and its train_config.yaml agrees with the flags."""
-    argv = train_argv(name, seed, preset)
-    out = run_dir(root, name, seed, preset)
-    problems = recorded_config_problems(out, argv) if is_complete(out) else []
-    for problem in problems:
-        print(f"[quality] not reusing {out}: {problem}", flush=True)
-    if fresh or problems or not is_complete(out):
-        print(f"[quality] train {name} seed {seed} -> {out.name}", flush=True)
-        # a failed retrain must not look complete, nor the old adapter's evals pass for the new one's
-        for stale in [out / FLAGS_FILE, out / MACHINE_FILE, *out.glob("eval-*.json")]:
-            stale.unlink(missing_ok=True)
-        run(cli("train", *argv, "--output", str(out), "--overwrite"),
-            root / "logs" / f"{out.name}.train.log", THREADS)
-        record = {"hash": train_hash(name, seed, preset), "argv": argv, "flags": canonical_flags(argv)}
-        (out / FLAGS_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        write_machine(out / MACHINE_FILE)
-    return json.loads((out / "summary.json").read_text())
+    and its train_config.yaml agrees with the flags (hydralora.compare.runs)."""
+    try:
+        return runs(root, fresh).train(name, seed, train_argv(name, seed, preset))[1]
+    except TrainingError as err:
+        raise SystemExit(str(err)) from None
 
 
 def eval_argv(preset: dict) -> list[str]:
@@ -494,56 +377,35 @@ def eval_argv(preset: dict) -> list[str]:
     return ["--model", MODEL, *tasks]
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def eval_folder(name: str, seed: int, preset: dict, root: Path) -> tuple[Path, Path | None]:
+    """(where the eval of (name, seed) is cached, the adapter: None for the base model)."""
+    if VARIANTS[name] is None:
+        return root / f"{name}-s{seed}", None
+    folder = run_dir(root, name, seed, preset)
+    return folder, folder
 
 
 def eval_path(name: str, seed: int, preset: dict, root: Path, test_file: Path) -> Path:
-    """eval-<hash>.json in the run's folder (base-s<seed>/ for the base model); the hash covers the
-    eval flags, the training run's hash and the held-out file's contents."""
-    trained = VARIANTS[name] is not None
-    key = {"eval": canonical_flags(eval_argv(preset)),
-           "train": train_hash(name, seed, preset) if trained else None,
-           "test_data_sha256": file_sha256(test_file)}
-    folder = run_dir(root, name, seed, preset) if trained else root / f"{name}-s{seed}"
-    return folder / f"eval-{flags_hash(key)}.json"
-
-
-def eval_machine_path(result: Path) -> Path:
-    return result.with_name(result.stem + "." + MACHINE_FILE)
+    folder, adapter = eval_folder(name, seed, preset, root)
+    return runs(root).eval_path(folder, eval_argv(preset), test_file, adapter)
 
 
 def eval_variant(name: str, seed: int, preset: dict, root: Path, test_file: Path, fresh: bool) -> dict:
-    result = eval_path(name, seed, preset, root, test_file)
-    if fresh or not result.exists() or not eval_machine_path(result).exists():
-        result.parent.mkdir(parents=True, exist_ok=True)
-        eval_machine_path(result).unlink(missing_ok=True)
-        adapter = [] if VARIANTS[name] is None else ["--adapter", str(result.parent)]
-        print(f"[quality] eval {name} seed {seed} -> {result.parent.name}/{result.name}", flush=True)
-        run(cli("eval", *eval_argv(preset), *adapter, "--data", str(test_file),
-                "--output", str(result), "--overwrite"),
-            root / "logs" / f"{result.parent.name}.{result.stem}.log")
-        write_machine(eval_machine_path(result))
-    return json.loads(result.read_text())
+    folder, adapter = eval_folder(name, seed, preset, root)
+    try:
+        return runs(root, fresh).evaluate(folder, eval_argv(preset), test_file, adapter)
+    except TrainingError as err:
+        raise SystemExit(str(err)) from None
 
 
 def train_all(jobs: list[tuple[str, int]], preset: dict, root: Path, args) -> dict:
     """Train every (variant, seed), args.jobs at a time; on a failure, start nothing more, let the
     running ones finish, and stop naming every failed run."""
-    summaries, failed = {}, []
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(train_variant, name, seed, preset, root, args.fresh): (name, seed)
-                   for name, seed in jobs}
-        for future in as_completed(futures):
-            try:
-                summaries[futures[future]] = future.result()
-            except SystemExit as err:
-                failed.append(str(err))
-                for other in futures:
-                    other.cancel()
-    if failed:
-        raise SystemExit("\n".join(failed))
-    return summaries
+    try:
+        done = runs(root, args.fresh).train_all([(n, s, train_argv(n, s, preset)) for n, s in jobs], args.jobs)
+    except TrainingError as err:
+        raise SystemExit(str(err)) from None
+    return {(name, seed): summary for (name, seed, _), (_, summary) in done.items()}
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -769,7 +631,9 @@ def write_report(rows: dict, args, preset: dict, seeds: list[int], wall: float,
 SECTION_TITLES = {"main": "HydraLoRA against LoRA, LoRA-Split and the ablations",
                   "heads-screen": "Head diversity, screening: every option on one seed",
                   "heads": "Head diversity: options that give the heads a reason to differ",
-                  "routing": "Routing that separates the domains: oracle, guided, sequence-level"}
+                  "routing": "Routing that separates the domains: oracle, guided, sequence-level",
+                  "paper-protocol": "The paper's protocol at our scale: alpha 32 at every rank, then equal scale",
+                  "masks": "The authors' training noise: one dropout mask per head"}
 
 
 def replace_section(path: Path, name: str, text: str) -> None:

@@ -60,15 +60,20 @@ def get_preset(name: str) -> Preset:
         raise ConfigError(f"preset {short(name)}: choose one of {', '.join(PRESETS)}")
     return PRESETS[name]
 
+DROPOUT_MASKS = ("shared", "per_head")
+
 # Keys that `save_adapter` adds to adapter_config.json beside the config fields.
 METADATA_KEYS = ("peft_type", "base_model_name_or_path", "hydralora_version", "format_version")
 # adapter_config.json format: files without `format_version` (written before it existed) fill
-# missing keys with today's defaults; a file of format 2 must hold every key below (the ones
-# that change the computation). A key added later joins the next format's list.
-FORMAT_VERSION = 2
+# missing keys with today's defaults; a file of format 2 or more must hold every key of its
+# format below (the ones that change the computation). A key added later joins the next
+# format's list, and the value every earlier file was trained with goes into EARLIER_VALUES.
+FORMAT_VERSION = 3
 REQUIRED_KEYS = {2: ("r", "alpha", "num_heads", "target_modules", "dropout", "router", "top_k",
                      "shared_a", "router_input", "balance_loss_weight", "router_temperature",
                      "init_heads", "router_init", "head_dropout", "routing", "route_labels")}
+REQUIRED_KEYS[3] = (*REQUIRED_KEYS[2], "dropout_masks")
+EARLIER_VALUES = {"dropout_masks": "shared"}  # what files before format 3 were trained with
 
 
 @dataclass
@@ -89,7 +94,11 @@ class HydraLoraConfig:
     )
     """A list of module names (exact, or a dotted suffix) or one regex string (full match)."""
     dropout: float = 0.05
-    """Dropout on the adapter input, one mask shared by all heads."""
+    """Dropout on the adapter input (see dropout_masks)."""
+    dropout_masks: str = "shared"
+    """'shared': one dropout mask on x for every head (one pass over x); 'per_head': each head
+    draws its own mask, as the authors' loop does (sum_i g_i B_i A drop_i(x); k passes over x in
+    training). The router reads the clean x either way."""
     router: str = "softmax"
     """'softmax' (dense, the paper), 'topk' (renormalized over the top_k), 'uniform' (1/k)."""
     top_k: int = 1
@@ -175,6 +184,8 @@ class HydraLoraConfig:
             )
         if self.preset is not None:
             get_preset(self.preset)
+        if self.dropout_masks not in DROPOUT_MASKS:
+            raise bad("dropout_masks", f"choose one of {', '.join(DROPOUT_MASKS)}")
         if self.routing not in ROUTINGS:
             raise bad("routing", f"unknown routing; choose one of {', '.join(ROUTINGS)}")
         if self.route_labels is not None and (
@@ -249,6 +260,9 @@ class HydraLoraConfig:
             if missing:
                 raise ConfigError(f"{path}: missing key(s) {', '.join(missing)}; an adapter_config.json "
                                   f"of format {version} records every setting (restore the file)")
+        if version is None or version < FORMAT_VERSION:  # keys added since: what it was trained with
+            data = {**{k: v for k, v in EARLIER_VALUES.items() if k not in REQUIRED_KEYS.get(version, ())},
+                    **data}
         return cls.from_dict(data, source=str(path))
 
 

@@ -120,7 +120,8 @@ class HydraLoraLinear(nn.Module):
         # the common configuration, computed by the fused Function (see the module docstring)
         self.fusable = (config.has_router and cfg.router == "softmax" and cfg.router_input == "x"
                         and cfg.routing == "token" and cfg.shared_a and cfg.head_dropout == 0
-                        and cfg.router_temperature == 1.0)
+                        and cfg.router_temperature == 1.0
+                        and (cfg.dropout_masks == "shared" or cfg.dropout == 0))
         self.fuse_when_compiled = FUSED_UNDER_COMPILE
         self.reset_parameters()
 
@@ -213,12 +214,18 @@ class HydraLoraLinear(nn.Module):
                weight: torch.Tensor | None) -> torch.Tensor:
         """(alpha/r) * sum_i g_i B_i A dropout(x) for x of shape (N, in); returns (N, out)."""
         cfg, k, r, n = self.config, self.num_heads, self.r, x.shape[0]
-        h = F.linear(self.dropout(x), self.lora_A)  # (N, a_rows)
+        per_head = self.training and cfg.dropout > 0 and cfg.dropout_masks == "per_head" and k > 1
+        if per_head:  # the authors' loop: head i sees its own mask, drawn in head order
+            dropped = torch.stack([self.dropout(x) for _ in range(k)], 1)  # (N, k, in)
+            a = self.lora_A.view(-1, r, self.in_features).expand(k, r, self.in_features)  # (k, r, in)
+            h = torch.einsum("nki,kri->nkr", dropped, a)  # (N, k, r): h_i = A_i drop_i(x)
+        else:
+            h = F.linear(self.dropout(x), self.lora_A)  # (N, a_rows)
         given = ctx.given_gates(k, cfg.routing == "oracle", lead) if ctx is not None else None
         if given is not None:  # (B, k): forced gates, or the oracle's one-hot labels
             gates = self._per_token(given.to(h.device), n)
-        elif cfg.has_router:
-            gates = self._route(x, h, lead, ctx, weight)
+        elif cfg.has_router:  # routing on A x reads the clean x when every head has its own mask
+            gates = self._route(x, F.linear(x, self.lora_A) if per_head else h, lead, ctx, weight)
         else:  # k == 1, uniform router, or oracle routing of unlabeled data
             if cfg.routing == "oracle" and self.training and torch.is_grad_enabled():
                 raise RoutingError("oracle routing trains each head on its own examples: give each "
@@ -232,7 +239,7 @@ class HydraLoraLinear(nn.Module):
             z = h * scaled  # (N, r)
         else:
             # z[n, i*r + j] = g_i(x_n) * h[n, j] (shared A) or h[n, i*r + j] (one A per head)
-            z = (scaled.unsqueeze(-1) * h.view(n, -1, r)).view(n, k * r)  # (N, k*r)
+            z = (scaled.unsqueeze(-1) * h.reshape(n, -1, r)).reshape(n, k * r)  # (N, k*r)
         return F.linear(z, self.lora_B)  # (N, out)
 
     def _per_token(self, gates: torch.Tensor, n: int) -> torch.Tensor:

@@ -166,6 +166,11 @@ def write_machine(path: Path) -> None:
     path.write_text(json.dumps(machine_info(), indent=2) + "\n")
 
 
+def eval_machine_path(result: Path) -> Path:
+    """Where the machine of an evaluation is recorded, beside its result."""
+    return result.with_name(result.stem + "." + MACHINE_FILE)
+
+
 def read_json(path: Path) -> Any:
     try:
         return json.loads(Path(path).read_text())
@@ -212,14 +217,19 @@ class Runs:
             self.log(f"reuse {out.name}")
         return out, json.loads((out / "summary.json").read_text())
 
-    def evaluate(self, folder: Path, eval_argv: list[str], data: Path, adapter: Path | None) -> dict:
-        """`hydralora eval` of `adapter` (None: the base model) on `data`, cached in `folder`
-        under the hash of the eval flags, the adapter's training flags and the data's contents."""
+    def eval_path(self, folder: Path, eval_argv: list[str], data: Path, adapter: Path | None) -> Path:
+        """eval-<hash>.json in `folder`: the hash covers the eval flags, the adapter's training
+        flags (its recorded hash) and the held-out file's contents."""
         trained = read_json(adapter / FLAGS_FILE) if adapter else None
         key = {"eval": canonical_flags(eval_argv), "train": trained and trained.get("hash"),
                "test_data_sha256": file_sha256(data)}
-        result = Path(folder) / f"eval-{flags_hash(key)}.json"
-        machine = result.with_name(result.stem + "." + MACHINE_FILE)
+        return Path(folder) / f"eval-{flags_hash(key)}.json"
+
+    def evaluate(self, folder: Path, eval_argv: list[str], data: Path, adapter: Path | None) -> dict:
+        """`hydralora eval` of `adapter` (None: the base model) on `data`, cached in `folder`
+        (`eval_path`)."""
+        result = self.eval_path(folder, eval_argv, data, adapter)
+        machine = eval_machine_path(result)
         if self.fresh or not result.exists() or not machine.exists():
             result.parent.mkdir(parents=True, exist_ok=True)
             machine.unlink(missing_ok=True)

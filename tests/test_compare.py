@@ -61,7 +61,7 @@ def test_bad_options_and_training_flags_are_one_error_line(tmp_path, capsys):
         training_flags(["--max-stepz", "3"])
     assert training_flags(["--max-steps", "3", "--batch-size", "2"]) ["max_steps"] == 3
     code = main(["compare", "--data", "d.jsonl", "--output", str(tmp_path / "o"), "--lr", "1e-3"])
-    assert code == 2 and "compare sets --lr itself" in capsys.readouterr().err
+    assert code == 2 and "compare sets --learning-rate (--lr) itself" in capsys.readouterr().err
 
 
 def test_the_conflicting_mixture_shares_inputs_across_tasks():
@@ -101,3 +101,12 @@ def test_compare_runs_end_to_end_on_the_tiny_model_and_resumes(tiny_model_dir, t
     again = capsys.readouterr().out
     assert "[compare] train " not in again and "[compare] reuse " in again
     assert json.loads((out / "compare.json").read_text())["rows"] == report["rows"]
+
+
+def test_recorded_configs_are_checked_under_every_name_of_a_flag():
+    from hydralora.compare.runs import config_mismatches
+
+    recorded = {"learning_rate": 0.001, "per_device_train_batch_size": 4, "alpha": 16.0}
+    flags = {"--lr": ["1e-3"], "--batch-size": ["8"], "--lora-alpha": ["16"]}
+    assert config_mismatches(recorded, flags) == [
+        "--batch-size 8 but train_config.yaml has per_device_train_batch_size: 4"]

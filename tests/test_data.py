@@ -94,7 +94,7 @@ def test_truncation_is_counted_and_overlong_is_an_error(tmp_path):
          r"bad.jsonl, line 2: this file's records have the prompt-completion shape.*fields: prompt"),
         (['{"instruction": "a", "output": 5}'], r"line 1: unrecognized record|line 1: field 'output' must be a string"),
         (['{"question": "a", "answer": "b"}'], r"line 1: unrecognized record \(fields: answer, question\)"),
-        (['[1, 2]'], r"line 1: unrecognized record \(fields: not an object\)"),
+        (['[1, 2]'], r"line 1: unrecognized record \(not an object but a list: \[1, 2\]\)"),
         (['{"prompt": "a", "completion": "  "}'], r"line 1: field 'completion' is empty"),
         (['{"messages": [{"role": "user", "content": "hi"}]}'], r"line 1: the last message must be the assistant"),
         (['{"messages": [{"role": "bot", "content": "hi"}]}'], r"line 1: messages\[0\] needs a 'role'"),

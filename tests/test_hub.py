@@ -103,7 +103,7 @@ def test_cli_adapter_flag_takes_a_hub_id(offline_cache, trained, tiny_model_dir,
     assert err.count("error:") == 1 and "Traceback" not in err
 
 
-def test_push_uploads_the_folder_without_checkpoints(trained, tmp_path, monkeypatch):
+def test_push_uploads_the_folder_without_checkpoints(trained, tmp_path, monkeypatch, capsys):
     import hydralora.hub as hub
 
     calls = {}
@@ -115,27 +115,25 @@ def test_push_uploads_the_folder_without_checkpoints(trained, tmp_path, monkeypa
         def create_branch(self, repo_id, branch, **kw):
             calls["branch"] = branch
 
-        def upload_folder(self, **kw):
-            calls["upload"] = kw
+        def create_commit(self, repo_id, operations, **kw):
+            calls["commit"] = (repo_id, [op.path_in_repo for op in operations], kw)
             return "https://huggingface.co/someone/repo/commit/abc"
 
     monkeypatch.setattr(hub, "HfApi", FakeApi)
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
     folder = tmp_path / "push"
     shutil.copytree(trained, folder)
     (folder / "README.md").unlink()  # a folder without a card gets one before the upload
     assert main(["push", str(folder), "someone/repo", "--private"]) == 0
     assert calls["create"] == ("someone/repo", {"private": True, "exist_ok": True, "repo_type": "model"})
-    up = calls["upload"]
-    assert up["repo_id"] == "someone/repo" and up["folder_path"] == str(folder)
-    assert "checkpoints/*" in up["ignore_patterns"] and ".hydralora*" in up["ignore_patterns"]
+    repo, sent, kw = calls["commit"]
+    assert repo == "someone/repo" and kw["repo_type"] == "model"
     assert (folder / "README.md").exists()
     assert "README.md" in json.loads((folder / ".hydralora-manifest.json").read_text())["files"]
-    from fnmatch import fnmatch
-
-    sent = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()
-            and not any(fnmatch(p.relative_to(folder).as_posix(), pat) for pat in up["ignore_patterns"])]
     assert "adapter_model.safetensors" in sent and "README.md" in sent
-    assert not any(s.startswith(("checkpoints/", ".hydralora")) for s in sent)
+    assert not any(s.startswith(("checkpoints/", ".")) for s in sent)
+    printed = capsys.readouterr().out
+    assert f"uploading {len(sent)} files" in printed and "checkpoints/" in printed  # listed first
 
 
 def test_push_refuses_bad_input(tmp_path, capsys):

@@ -144,7 +144,7 @@ def test_a_run_recorded_before_presets_resumes_with_the_papers_values(tmp_path):
                                                            "lr": 1e-3, "r": 4}))
     cfg = train_config_from_args(build_parser().parse_args(["train", "--output", str(out), "--resume"]))
     assert cfg.preset == "paper" and cfg.adapter["init_heads"] == "zero"
-    assert cfg.router_lr_multiplier == 1.0 and cfg.lr == 1e-3 and cfg.adapter["r"] == 4
+    assert cfg.router_lr_multiplier == 1.0 and cfg.learning_rate == 1e-3 and cfg.adapter["r"] == 4
 
 
 class Boom(TrainerCallback):
@@ -161,7 +161,7 @@ def test_a_training_that_raises_gives_the_signal_handlers_back(tiny_model_dir, t
     previous = {s: signal.signal(s, mine) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         cfg = TrainConfig(model=str(tiny_model_dir), data=[str(write_jsonl(tmp_path / "d.jsonl", tiny_records(8)))],
-                          output=str(tmp_path / "run"), max_steps=3, batch_size=4, save_steps=0,
+                          output=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=4, save_steps=0,
                           adapter={"r": 4, "num_heads": 2, "target_modules": ["q_proj"]})
         with pytest.raises(RuntimeError, match="the data loader broke"):
             run_training(cfg, callbacks=[Boom()])

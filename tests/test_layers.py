@@ -17,23 +17,23 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "hydralora"
 LAYERS = [
     # support: stdlib, yaml, huggingface_hub; every command's options (light: no torch)
-    ["errors", "files", "dist", "options", "hub", "commands", "commands.common",
+    ["errors", "readers", "files", "folders", "dist", "options", "cards", "hub", "commands", "commands.common",
      "commands.evaluate", "commands.export", "commands.analyze", "commands.info", "commands.demo",
      "commands.compare"],
-    ["config", "train", "train.config", "info"],  # HydraLoraConfig, presets; train's options; `info`
+    ["config", "train", "train.config", "train.arguments", "info"],  # HydraLoraConfig, presets; train's options; `info`
     ["routing", "routing.router"],  # core: gates, router losses and statistics
     ["routing.context"],  # core: the routing context of one forward
     ["fused"],  # core: the common configuration's autograd Function
     ["layer"],  # core: the math
-    ["model", "__init__"],  # core: inject/remove/save/load; the public API
-    ["data", "data.records", "data.tokenize", "data.builtin", "data.conflict", "base_models"],
+    ["model", "__init__", "peft_method"],  # core: inject/remove/save/load; the public API; PEFT's method
+    ["data", "data.sources", "data.records", "data.tokenize", "data.builtin", "data.conflict", "base_models"],
     ["clustering", "clustering.kmeans", "clustering.choose_k", "routing.stats", "routing.labels",
      "routing.requests"],
     ["eval", "eval.loss", "eval.generation", "eval.sandbox", "eval._guard", "eval.metrics",
      "routing.fixed"],
     ["methods", "methods.base", "methods.hydralora", "methods.peft_lora", "methods.lora_split"],
     ["eval.run", "train.output", "train.integration", "train.trainer", "train.run",
-     "train.per_domain", "train.sharding", "analysis", "export", "compare", "compare.runs",
+     "train.per_domain", "train.sharding", "train.tracking", "analysis", "export", "compare", "compare.runs",
      "compare.report",
      "integrations", "integrations.trl", "integrations.lm_eval"],  # optional: trl, lm_eval
     ["demo"],

@@ -30,7 +30,7 @@ def logged_losses(out):
 def train(model_dir, data, out, method="hydralora", quantize="4bit"):
     adapter = {"r": 4, "target_modules": TARGETS, **({"num_heads": 3} if method == "hydralora" else {})}
     cfg = TrainConfig(model=str(model_dir), data=[str(data)], output=str(out), method=method,
-                      max_steps=8, batch_size=4, lr=5e-3, logging_steps=1, save_steps=8, seed=1, bf16="false",
+                      max_steps=8, per_device_train_batch_size=4, learning_rate=5e-3, logging_steps=1, save_steps=8, seed=1, bf16="false",
                       quantize=quantize, adapter=adapter)
     summary, model, _ = run_training(cfg)
     return summary, model

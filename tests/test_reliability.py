@@ -180,7 +180,7 @@ def test_broken_adapter_files_give_clear_errors(tiny_model_dir, data8, tmp_path,
     assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(out), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     expected = {"truncate": "truncated or corrupted", "garbage": "truncated or corrupted",
-                "no-config": "missing adapter_config.json", "bad-json": "not a JSON object"}[damage]
+                "no-config": "missing adapter_config.json", "bad-json": "line 1: not valid JSON"}[damage]
     assert expected in err and "Traceback" not in err
 
 

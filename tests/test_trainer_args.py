@@ -36,7 +36,7 @@ def test_yaml_trainer_section_merges_and_flags_win(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("lr: 0.001\ntrainer:\n  max_grad_norm: 0.3\n  logging_first_step: true\n")
     cfg = parse("--config", str(config), "--trainer-arg", "max_grad_norm=0.7")
-    assert cfg.lr == 0.001
+    assert cfg.learning_rate == 0.001
     assert cfg.trainer_args == {"max_grad_norm": 0.7, "logging_first_step": True}
 
 
@@ -46,13 +46,13 @@ def test_trainer_args_override_what_train_sets(tmp_path):
                                     "ddp_find_unused_parameters": True})
     args = training_arguments(cfg, tmp_path / "checkpoints", 5, False, __import__("torch").device("cpu"))
     assert args.max_grad_norm == 0.25 and args.optim == "sgd" and args.ddp_find_unused_parameters
-    assert args.learning_rate == cfg.lr  # train's own options stay
+    assert args.learning_rate == cfg.learning_rate  # train's own options stay
 
 
 @pytest.mark.parametrize("arg,expected", [
     ("max_grad_nrom=1", "unknown trainer argument 'max_grad_nrom'"),
-    ("learning_rate=0.1", "trainer argument 'learning_rate' is set by hydralora train: use --lr"),
-    ("per_device_train_batch_size=2", "use --batch-size"),
+    ("learning_rate=0.1", "trainer argument 'learning_rate' is set by hydralora train: use --learning-rate"),
+    ("per_device_train_batch_size=2", "use --per-device-train-batch-size"),
     ("label_names=[x]", "is fixed by hydralora train"),
 ])
 def test_bad_key_is_one_clear_error_line(tiny_model_dir, tiny_data, tmp_path, capsys, arg, expected):
@@ -92,7 +92,7 @@ class Seen(TrainerCallback):
 
 def tiny_cfg(model_dir, data, out, **extra):
     return TrainConfig(model=str(model_dir), data=[str(data)], output=str(out), max_steps=4,
-                       batch_size=4, lr=5e-3, logging_steps=2, save_steps=2, seed=1,
+                       per_device_train_batch_size=4, learning_rate=5e-3, logging_steps=2, save_steps=2, seed=1,
                        adapter={"r": 4, "num_heads": 3, "target_modules": ["q_proj", "v_proj"]},
                        **extra)
 

@@ -14,8 +14,8 @@ start from the same A, as the paper's separately trained LoRAs can be compared),
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,9 @@ from sklearn.decomposition import PCA
 from .commands.analyze import AnalyzeOptions
 from .config import HydraLoraConfig
 from .data.builtin import resolve_builtin
-from .files import CONFIG_NAME
+from .commands.common import BUILTIN
+from .files import CONFIG_NAME, atomic_write, write_json
+from .folders import claim, owned_folder
 from .hub import resolve_adapter
 from .data import load_examples, tokenize_examples
 from .errors import ConfigError
@@ -66,8 +68,13 @@ def plot_router(report: dict[str, Any], path: Path) -> None:
                    fontsize=6)
     ax2.set_title(f"mean gate per layer: {k} heads per domain block "
                   f"(mean domain spread {report['domain_spread_mean']:.3f})")
+    _save_figure(fig, path)
+
+
+def _save_figure(fig: Figure, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
 # ---------------------------------------------------------------------------- A vs B
@@ -145,18 +152,27 @@ def plot_ab(result: dict[str, Any], loras: dict, path: Path) -> None:
             ax.scatter(points[sel, 0], points[sel, 1], s=10, color=colors[i % len(colors)], label=d)
         ax.set_title(f"PCA of the {part} matrices (point = domain x layer)")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_figure(fig, path)
+
+
+ANALYSIS_FILES = ("router_heatmap.png", "analysis.json")
+AB_FILE = "ab_similarity.png"
 
 
 def run_analyze(opts: AnalyzeOptions, data: list[str],
                 domain_loras: dict[str, str] | None = None) -> dict:
     """Router report of the adapter on `data` (files), and the A/B comparison of
-    `domain_loras` (PEFT LoRA folders per domain) when given. Reads adapters; never trains."""
+    `domain_loras` (PEFT LoRA folders per domain) when given. Reads adapters; never trains.
+    Files of those names in --output that the tool did not write are never replaced."""
     if adapter_kind(opts.adapter) != "hydralora":
         raise ConfigError(f"{opts.adapter}: analyze takes a HydraLoRA adapter (it studies the router)")
+    names = [*ANALYSIS_FILES, *([AB_FILE] if domain_loras else [])]
+    with owned_folder(Path(opts.output), names, opts.overwrite):
+        return _analyze(opts, data, domain_loras)
+
+
+def _analyze(opts: AnalyzeOptions, data: list[str], domain_loras: dict[str, str] | None) -> dict:
     out = Path(opts.output)
-    out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model_with_adapter(opts.model, opts.adapter, dtype=opts.dtype, device=opts.device)
     features, _ = tokenize_examples(load_examples(data), tokenizer, opts.max_length, skip_overlong=True)
     if not any(f.get("domain") for f in features):
@@ -167,8 +183,7 @@ def run_analyze(opts: AnalyzeOptions, data: list[str],
         loras = {d: read_peft_lora(p) for d, p in domain_loras.items()}
         report["ab"] = ab_similarity(loras)
         plot_ab(report["ab"], loras, out / "ab_similarity.png")
-    with open(out / "analysis.json", "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(out / "analysis.json", report, indent=1)
     r = report["router"]
     print(f"router: mean domain spread of the gates {r['domain_spread_mean']:.3f} "
           f"(0 = same routing for every domain, 1 = disjoint heads); normalized gate entropy "
@@ -187,12 +202,17 @@ def run_analyze_command(opts: AnalyzeOptions) -> None:
     from .train.per_domain import train_domain_loras
 
     opts = dataclasses.replace(opts, adapter=str(resolve_adapter(opts.adapter)))  # a hub id: its snapshot
-    data = resolve_builtin(opts.data, Path(opts.output) / "data", "test")
+    out = Path(opts.output)
     loras = opts.domain_loras()
-    if loras is None and opts.per_domain_steps > 0:
-        adapter = HydraLoraConfig.from_json_file(Path(opts.adapter) / CONFIG_NAME)
-        extra = {"batch_size": opts.batch_size, "lr": opts.lr, "skip_overlong": True, "max_length": 256}
-        loras = {d: str(p) for d, p in train_domain_loras(
-            opts.model, data, Path(opts.output), opts.per_domain_steps, opts.seed,
-            adapter.target_modules, adapter.r, extra).items()}
+    train_loras = loras is None and opts.per_domain_steps > 0
+    inputs = [*(["data"] if BUILTIN in opts.data else []), *(["per_domain"] if train_loras else [])]
+    claim(out, [*ANALYSIS_FILES, *([AB_FILE] if loras or train_loras else []), *inputs], opts.overwrite)
+    with owned_folder(out, inputs, overwrite=True) if inputs else contextlib.nullcontext():
+        data = resolve_builtin(opts.data, out / "data", "test")
+        if train_loras:
+            adapter = HydraLoraConfig.from_json_file(Path(opts.adapter) / CONFIG_NAME)
+            extra = {"batch_size": opts.batch_size, "lr": opts.lr, "skip_overlong": True, "max_length": 256}
+            loras = {d: str(p) for d, p in train_domain_loras(
+                opts.model, data, out, opts.per_domain_steps, opts.seed,
+                adapter.target_modules, adapter.r, extra, overwrite=opts.overwrite).items()}
     run_analyze(opts, data, loras)

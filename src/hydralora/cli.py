@@ -30,17 +30,19 @@ from .commands.export import ExportOptions, RouteOptions
 from .commands.info import InfoOptions, PushOptions
 from .config import LEGACY_PRESET, PRESETS, HydraLoraConfig
 from .errors import ConfigError, TrainingInterrupted, UserError, short
-from .files import RUN_CONFIG, STORAGE_ERRNOS
+from .files import RUN_CONFIG, STORAGE_ERRNOS, STORAGE_HINTS
 from .options import (
     add_dataclass_flags,
+    check_given_once,
     coerce_values,
+    field_aliases,
     known_fields,
     normalize_targets,
     options_from_args,
     read_yaml_config,
     split_fields,
 )
-from .train.config import TrainConfig, check_trainer_args
+from .train.config import TrainConfig, check_trainer_args, unused_options_note
 
 ADAPTER_SKIP = ("k_selection", "preset")  # written by the trainer; --preset is a run option
 
@@ -80,9 +82,10 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                         "max_grad_norm=0.5, report_to=tensorboard, eval_strategy=steps, "
                         "fsdp_config=examples/fsdp2.json; VALUE is read as YAML (numbers, true/false, "
                         "lists, {json}); repeatable; YAML config: a `trainer:` mapping")
-    # --adapter-rank: torchrun's own parser mistakes a bare --r for its --rdzv-* options
+    # --adapter-rank (an alias of --r in HydraLoraConfig): torchrun's own parser mistakes a
+    # bare --r for its --rdzv-* options
     add_dataclass_flags(p, HydraLoraConfig, skip=ADAPTER_SKIP, types_override={"num_heads": int_or_auto},
-                        aliases={"r": ["--adapter-rank"]}, defaults=preset_help("adapter"))
+                        defaults=preset_help("adapter"))
     p.set_defaults(func=cmd_train)
 
 
@@ -116,6 +119,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     given; the trainer arguments merge key by key in the same order. A recorded run without a
     preset predates presets: it was trained with the paper's values."""
     known = known_fields(TrainConfig, HydraLoraConfig) - {"adapter", "k_selection"}
+    aliases = field_aliases(TrainConfig, HydraLoraConfig)  # lr -> learning_rate, lora_alpha -> alpha, ...
+    check_given_once(args)
     values: dict[str, Any] = {}
     trainer_args: dict[str, Any] = {}
     given = {k: v for k, v in vars(args).items() if k in known and k != "trainer_args"}
@@ -123,7 +128,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     if given.get("resume") and not output:
         raise ConfigError("--resume needs --output DIR: the folder of the run to continue")
     if given.get("resume") and output and (Path(output) / RUN_CONFIG).exists():
-        recorded = read_yaml_config(Path(output) / RUN_CONFIG, known)
+        recorded = read_yaml_config(Path(output) / RUN_CONFIG, known, aliases)  # old runs: short names
         recorded.setdefault("preset", LEGACY_PRESET)
         if recorded.get("trust_remote_code") is True and "trust_remote_code" not in given:
             raise ConfigError(
@@ -133,8 +138,9 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
             )
         trainer_args.update(trainer_section(recorded, str(Path(output) / RUN_CONFIG)))
         values.update(recorded)
+    from_file: dict[str, Any] = {}
     if args.config:
-        from_file = read_yaml_config(args.config, known | {"trainer"})
+        from_file = read_yaml_config(args.config, known | {"trainer"}, aliases)
         trainer_args.update(trainer_section(from_file, args.config))
         values.update(from_file)
     values.update(given)
@@ -153,6 +159,9 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         HydraLoraConfig.from_preset(run["preset"], **adapter)
     elif run.get("method", "hydralora") == "lora":
         raise ConfigError("--num-heads auto applies to --method hydralora and lora-split only")
+    note = unused_options_note(run.get("method", TrainConfig.method), set(given) | set(from_file))
+    if note:  # given by the user (a flag or the YAML), not filled in by a preset or a recorded run
+        print(f"warning: {note}", file=sys.stderr)
     return TrainConfig(**run, adapter=adapter)
 
 
@@ -239,12 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:  # only compare takes flags of another command: train's, for every run
-        if getattr(args, "command", None) != "compare":
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.train_args = extra
     try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # only compare takes flags of another command: train's, for every run
+            if getattr(args, "command", None) != "compare":
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            args.train_args = extra
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -257,12 +266,17 @@ def main(argv: list[str] | None = None) -> int:
             message = f"{err.filename}: no such file or directory"
         print(f"error: {message}", file=sys.stderr)
         return 130 if isinstance(err, TrainingInterrupted) else 2
-    except OSError as err:  # disk full, quota, read-only file system: one line naming the file
+    except OSError as err:  # disk full, quota, read-only, no permission: one line naming the file
         if debug or err.errno not in STORAGE_ERRNOS:
             raise
         where = f"{err.filename}: " if err.filename else ""
-        print(f"error: {where}could not write ({err.strerror or err}); free some space and run again",
-              file=sys.stderr)
+        print(f"error: {where}{err.strerror or err}: {STORAGE_HINTS[err.errno]}", file=sys.stderr)
+        return 2
+    except RecursionError:  # input nested deeper than Python reads (a reader that does not say so)
+        if debug:
+            raise
+        print("error: an input is nested too deeply to read (a JSON or YAML value inside thousands "
+              "of brackets?); flatten it", file=sys.stderr)
         return 2
 
 

@@ -64,6 +64,12 @@ DROPOUT_MASKS = ("shared", "per_head")
 
 # Keys that `save_adapter` adds to adapter_config.json beside the config fields.
 METADATA_KEYS = ("peft_type", "base_model_name_or_path", "hydralora_version", "format_version")
+# Keys PEFT writes into adapter_config.json when it saves a HydraLoRA model (peft_method.py):
+# bookkeeping, read and ignored here; and PEFT-only settings, accepted while unset (what our own
+# loader cannot apply, it refuses, naming PeftModel.from_pretrained).
+PEFT_KEYS = ("task_type", "inference_mode", "revision", "peft_version", "auto_mapping")
+PEFT_ONLY_KEYS = ("exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save",
+                  "trainable_token_indices")
 # adapter_config.json format: files without `format_version` (written before it existed) fill
 # missing keys with today's defaults; a file of format 2 or more must hold every key of its
 # format below (the ones that change the computation). A key added later joins the next
@@ -83,9 +89,9 @@ class HydraLoraConfig:
     y = W0 x + (alpha / r) * sum_i g_i(x) B_i A dropout(x),  g(x) = softmax(W_g x / temperature)
     """
 
-    r: int = 8
+    r: int = field(default=8, metadata={"aliases": ("adapter_rank", "lora_rank", "lora_r")})
     """Rank of the shared low-rank matrix A (and of each head B_i)."""
-    alpha: float = 16.0
+    alpha: float = field(default=16.0, metadata={"aliases": ("lora_alpha",)})
     """Scaling numerator: the adapter output is multiplied by alpha / r."""
     num_heads: int = 4
     """Number of B heads (k in the paper). 1 gives plain LoRA (no router)."""
@@ -93,7 +99,7 @@ class HydraLoraConfig:
         default_factory=lambda: ["gate_proj", "up_proj", "down_proj"]
     )
     """A list of module names (exact, or a dotted suffix) or one regex string (full match)."""
-    dropout: float = 0.05
+    dropout: float = field(default=0.05, metadata={"aliases": ("lora_dropout",)})
     """Dropout on the adapter input (see dropout_masks)."""
     dropout_masks: str = "shared"
     """'shared': one dropout mask on x for every head (one pass over x); 'per_head': each head
@@ -204,6 +210,9 @@ class HydraLoraConfig:
                 raise bad("target_modules", f"not a valid regular expression ({err})") from None
         elif not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
             raise bad("target_modules", "give a non-empty list of module names or one regex")
+        elif len(targets) > 1 and "all-linear" in (t.lower() for t in targets):
+            raise bad("target_modules", "'all-linear' already selects every linear layer: give it alone, "
+                      "or list only the names you want")
 
     @classmethod
     def from_preset(cls, name: str, **changes: Any) -> HydraLoraConfig:
@@ -230,7 +239,7 @@ class HydraLoraConfig:
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> HydraLoraConfig:
         """Build a config from a dict; unknown keys are an error that names them and `source`."""
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names - set(METADATA_KEYS))
+        unknown = sorted(set(data) - names - set(METADATA_KEYS) - set(PEFT_KEYS) - set(PEFT_ONLY_KEYS))
         if unknown:
             raise ConfigError(
                 f"{source}: unknown HydraLoRA config key(s) {unknown}; known keys: {sorted(names)}"
@@ -244,8 +253,15 @@ class HydraLoraConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json_file(cls, path: str | Path) -> HydraLoraConfig:
+    def from_json_file(cls, path: str | Path, peft: bool = False) -> HydraLoraConfig:
+        """The config of an adapter_config.json (ours, or one PEFT wrote for HydraLoRA). A PEFT-only
+        setting (modules_to_save, exclude_modules, ...) is an error unless `peft` (PEFT applies it)."""
         data = read_json_object(path, "no such file (is this an adapter directory?)")
+        peft_only = [k for k in PEFT_ONLY_KEYS if data.get(k) not in (None, [], {}, "")]
+        if peft_only and not peft:
+            raise ConfigError(f"{path}: written by PEFT with {', '.join(f'{k}={short(data[k])}' for k in peft_only)}, "
+                              "which hydralora's own loader does not apply: load it with "
+                              "peft.PeftModel.from_pretrained (after `import hydralora`)")
         if data.get("peft_type", "HYDRALORA") != "HYDRALORA":
             raise ConfigError(
                 f"{path}: peft_type is {data['peft_type']!r}, not 'HYDRALORA'; "

@@ -33,8 +33,9 @@ from .commands.export import ExportOptions
 from .data import load_examples, tokenize_examples
 from .errors import ConfigError
 from .eval.loss import domain_losses
-from .files import SPLIT_FILE, check_output_dir, staged_dir, write_json
-from .hub import resolve_adapter
+from .files import SPLIT_FILE, write_json, write_text
+from .folders import check_output_dir, staged_dir
+from .hub import export_card, resolve_adapter
 from .info import adapter_kind
 from .methods import load_model_with_adapter
 from .methods.lora_split import load as load_routed
@@ -76,6 +77,7 @@ def export_peft_lora(model: nn.Module, gates: dict[str, torch.Tensor], output: s
         peft_model.save_pretrained(tmp)
         peft_model.unload()
         _write_report(tmp, report, gates)
+        _write_card(tmp, output, base_model_name or _base_name(model), "peft-lora", report)
     return output
 
 
@@ -89,7 +91,29 @@ def export_merged(model: nn.Module, gates: dict[str, torch.Tensor], tokenizer, o
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _write_report(tmp, report, gates)
+        _write_card(tmp, output, (report or {}).get("base_model") or _base_name(model), "merged", report)
     return output
+
+
+def _base_name(model: nn.Module) -> str:
+    return str(getattr(getattr(model, "config", None), "name_or_path", "") or "unknown")
+
+
+def base_model_name(model: str) -> str:
+    """The base model as the export records it: a local folder as an absolute path (the export
+    loads from anywhere), anything else as given."""
+    return str(Path(model).resolve()) if Path(model).is_dir() else model
+
+
+def _write_card(folder: Path, output: Path, base: str, fmt: str, report: dict[str, Any] | None) -> None:
+    """Our model card in place of PEFT's blank one (also in each per-request adapter's folder);
+    `folder` is where the export is built, `output` where it goes."""
+    report = report or {}
+    gates, source = str(report.get("gates", "?")), str(report.get("source_adapter", "?"))
+    write_text(folder / "README.md", export_card(folder, base, fmt, gates, source, output.name))
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and (p / "adapter_config.json").exists()):
+        write_text(sub / "README.md", export_card(sub, base, "peft-lora", gates, source,
+                                                  f"{output.name}/{sub.name}"))
 
 
 def _write_report(folder: Path, report: dict[str, Any] | None, gates: dict[str, torch.Tensor]) -> None:
@@ -125,7 +149,8 @@ def run_export(opts: ExportOptions) -> dict:
     if opts.gates in GROUPINGS:
         return export_per_group(opts, model, tokenizer.pad_token_id, features, output)
     gates = resolve_gates(model, opts.gates, features, tokenizer.pad_token_id)
-    report: dict[str, Any] = {"format": opts.format, "gates": opts.gates, "source_adapter": str(opts.adapter)}
+    report: dict[str, Any] = {"format": opts.format, "gates": opts.gates, "source_adapter": str(opts.adapter),
+                              "base_model": base_model_name(opts.model)}
     if features and opts.quantize != "none":
         print("note: the held-out loss of the fixed gates needs merging, which a quantized base cannot do")
     elif features:
@@ -140,8 +165,8 @@ def run_export(opts: ExportOptions) -> dict:
             d, f = dynamic[domain]["loss"], fixed[domain]["loss"]
             print(f"  {domain:>10}: dynamic {d:.4f}  fixed {f:.4f}  ({f - d:+.4f})")
     if opts.format == "peft-lora":
-        export_peft_lora(model, gates, output, base_model_name=opts.model, overwrite=opts.overwrite,
-                         report=report)
+        export_peft_lora(model, gates, output, base_model_name=base_model_name(opts.model),
+                         overwrite=opts.overwrite, report=report)
     else:
         export_merged(model, gates, tokenizer, output, overwrite=opts.overwrite, report=report)
     print(f"wrote {opts.format} export to {output}")
@@ -162,7 +187,7 @@ def export_per_group(opts: ExportOptions, model: nn.Module, pad_token_id: int,
     report: dict[str, Any] = {"format": "peft-lora", "gates": opts.gates, "groups": names,
                               "group_sizes": [len(g) for g in groups],
                               "source_adapter": str(opts.adapter), "dynamic": dynamic, "uniform": uniform}
-    export_routed(model, names, gates, router, output, opts.model,
+    export_routed(model, names, gates, router, output, base_model_name(opts.model),
                   f"hydralora export --gates {opts.gates}", opts.overwrite, report)
     routed, request_router = load_routed(model, output)  # the written folder, as a server sees it
     sent = request_router.route([f["instruction"] for f in features])
@@ -174,8 +199,7 @@ def export_per_group(opts: ExportOptions, model: nn.Module, pad_token_id: int,
         report["router_accuracy"] = sum(right) / len(right)
     with open(output / "hydralora_export.json") as f:
         saved = json.load(f)
-    with open(output / "hydralora_export.json", "w") as f:
-        json.dump({**saved, **report}, f, indent=1)
+    write_json(output / "hydralora_export.json", {**saved, **report}, indent=1)
     print(f"held-out loss on --data (dynamic routing | per-request adapters, --gates {opts.gates} "
           "| one uniform export):")
     for domain in dynamic:
@@ -222,6 +246,7 @@ def export_routed(model: nn.Module, names: list[str], gates: list[dict[str, torc
         with open(tmp / "hydralora_export.json", "w") as f:
             json.dump({**(report or {}), "gates_per_group": {
                 n: {layer: g[layer].tolist() for layer in g} for n, g in zip(names, gates)}}, f, indent=1)
+        _write_card(tmp, output, base_model_name, "peft-lora", {"gates": how.rsplit(" ", 1)[-1], **(report or {})})
     return output
 
 

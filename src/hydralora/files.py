@@ -1,11 +1,13 @@
-"""Writing files safely and reading the small JSON/YAML files the tool takes.
+"""Writing files safely, and the manifest of what the tool wrote.
 
 - `atomic_write`: a file appears whole or not at all (temporary sibling, fsync, rename).
-- `staged_dir`: a directory is built beside its target and renamed into place.
-- `read_json_object` / `read_yaml_mapping`: errors name the file and the line; YAML is read
-  with a size cap and without aliases.
-- A folder's manifest (`.hydralora-manifest.json`) lists the files the tool wrote into it: only
-  those are ever replaced or removed. `folder_lock` keeps two runs out of one folder.
+- A folder's manifest (`.hydralora-manifest.json`) lists the entries the tool wrote into it:
+  only those are ever replaced or removed (`not_ours`, `remove_owned`); every folder the tool
+  creates gets one (`stamp_tree`). `folders.py` builds on it: locks, claims, staged outputs.
+- `redact`: credentials never reach a file we write.
+- Disk full, quota, read-only file system, no permission: one `StorageError` naming the path
+  and what to do (`storage_error`, `check_writable`).
+- The JSON/YAML readers live in `readers.py` (re-exported here).
 """
 
 from __future__ import annotations
@@ -16,16 +18,15 @@ import json
 import os
 import re
 import shutil
-import socket
 import tempfile
-import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .errors import ConfigError, StorageError, TrainingError
+from .errors import ConfigError, StorageError
+from .readers import YAML_MAX_BYTES, read_json, read_json_object, read_yaml_mapping  # noqa: F401 (re-exported)
 
 MANIFEST = ".hydralora-manifest.json"
 # the files of an adapter folder (PEFT's names) and of the other folders this package writes
@@ -36,9 +37,17 @@ ROUTER_STATS = "router_stats.json"
 RUN_CONFIG = "train_config.yaml"  # every option of a training run
 SUMMARY = "summary.json"  # what a training run measured
 LOCK_NAME = ".hydralora.lock"
-YAML_MAX_BYTES = 1 << 20
-# errors that mean "this storage cannot take the file", not a bug
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+# errors that mean "this storage cannot take the file", not a bug: what to do about each
+STORAGE_HINTS = {
+    errno.ENOSPC: "free some space and run again",
+    errno.EDQUOT: "free some space (disk quota) and run again",
+    errno.EROFS: "the file system is read-only: write somewhere else",
+    errno.EFBIG: "the file is too large for this file system: write somewhere else",
+    errno.EACCES: "permission denied: write somewhere you may write to",
+    errno.EPERM: "permission denied: write somewhere you may write to",
+    errno.EIO: "the storage failed: check the file system (space, quota, the disk) and run again",
+}
+STORAGE_ERRNOS = set(STORAGE_HINTS)
 
 
 def _umask() -> int:
@@ -48,10 +57,12 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_write(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_write(target: str | os.PathLike, exclusive: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success fsync it and rename it to `target`.
 
-    On any failure the temporary file is removed and `target` is untouched.
+    On any failure the temporary file is removed and `target` is untouched. `exclusive`: the
+    file must not exist when it is put in place (a hard link, which cannot replace a file), so
+    a file another process wrote meanwhile is never replaced.
     """
     target = Path(target)
     try:
@@ -65,7 +76,10 @@ def atomic_write(target: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, target)
+        if exclusive:
+            _link_new(tmp, target)
+        else:
+            os.replace(tmp, target)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         if isinstance(err, StorageError) or err.errno not in STORAGE_ERRNOS:
@@ -76,14 +90,46 @@ def atomic_write(target: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def storage_error(err: OSError, target: str | os.PathLike) -> OSError:
-    """A disk-full (quota, read-only) error as a StorageError naming `target`; others as they are."""
+def _link_new(tmp: Path, target: Path) -> None:
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise ConfigError(f"{target} appeared while this command ran (another process wrote it); "
+                          "it was not replaced: choose another name") from None
+    except OSError as err:  # a file system without hard links
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK) or os.path.lexists(target):
+            raise
+        os.replace(tmp, target)
+    tmp.unlink(missing_ok=True)
+
+
+def storage_error(err: OSError, target: str | os.PathLike, what: str = "the previous file, if any, "
+                  "is unchanged") -> OSError:
+    """A disk-full (quota, read-only, permission) error as a StorageError naming `target` and
+    what to do about that errno; others as they are."""
     if err.errno not in STORAGE_ERRNOS:
         return err
-    error = StorageError(f"{target}: could not write it ({os.strerror(err.errno)}); the previous "
-                         "file, if any, is unchanged: free some space and run again")
+    error = StorageError(f"{target}: could not write it ({err.strerror or os.strerror(err.errno)}); {what}: "
+                         f"{STORAGE_HINTS[err.errno]}")
     error.errno = err.errno  # (a filename would change str(error))
     return error
+
+
+def check_writable(folder: str | os.PathLike, flag: str = "--output") -> None:
+    """Fail at once, before slow work, when nothing can be written into `folder` (or into the
+    nearest existing folder above it): read-only file system, no permission, disk full."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        fd, name = tempfile.mkstemp(prefix=".hydralora-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as err:
+        if err.errno not in STORAGE_ERRNOS:
+            raise
+        raise StorageError(f"{flag}: cannot write into {folder} ({os.strerror(err.errno)}): "
+                           f"{STORAGE_HINTS[err.errno]}") from None
 
 
 def write_text(target: str | os.PathLike, text: str) -> None:
@@ -96,8 +142,57 @@ def write_json(target: str | os.PathLike, value: Any, indent: int = 2) -> None:
     write_text(target, json.dumps(value, indent=indent) + "\n")
 
 
-def write_yaml(target: str | os.PathLike, value: dict[str, Any]) -> None:
-    write_text(target, yaml.safe_dump(value, sort_keys=False))
+def write_yaml(target: str | os.PathLike, value: dict[str, Any], header: str = "") -> None:
+    write_text(target, header + yaml.safe_dump(value, sort_keys=False))
+
+
+# ---------------------------------------------------------------------------- credentials
+# keys whose value is a credential (not `pad_token` & co.: those are tokenizer settings)
+SECRET_KEY = re.compile(r"^token$|(^|[_-])((hub|hf|auth|access|api|bearer|refresh|id|session|github|gh|"
+                        r"wandb|openai|push_to_hub)[_-]?token|password|passwd|secret|secret[_-]?key|"
+                        r"api[_-]?key|apikey|access[_-]?key|private[_-]?key|credentials?)$", re.I)
+# values that are credentials whatever their key: Hugging Face, GitHub, OpenAI-style, AWS keys,
+# Slack tokens, and the password of a URL (scheme://user:password@host)
+SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}|\bgh[pousr]_[A-Za-z0-9]{20,}|\bsk-[A-Za-z0-9_-]{20,}"
+                          r"|\bAKIA[0-9A-Z]{16}\b|\bxox[abprs]-[A-Za-z0-9-]{10,}")
+URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/\s:@]+:)([^@\s/]+)(@)", re.I)
+REDACTED = "<redacted>"
+
+
+def redact(value: Any) -> tuple[Any, list[str]]:
+    """`value` (JSON-like) with every credential taken out, and where they were: the value of a
+    credential-like key becomes None, a token or URL password inside a string `<redacted>`."""
+    found: list[str] = []
+
+    def walk(v: Any, where: str) -> Any:
+        if isinstance(v, dict):
+            out = {}
+            for k, item in v.items():
+                here = f"{where}.{k}" if where else str(k)
+                if SECRET_KEY.search(str(k)) and isinstance(item, str) and item and item != REDACTED:
+                    found.append(here)
+                    out[k] = None
+                else:
+                    out[k] = walk(item, here)
+            return out
+        if isinstance(v, (list, tuple)):
+            return type(v)(walk(item, f"{where}[{i}]") for i, item in enumerate(v))
+        if isinstance(v, str):
+            cleaned = URL_PASSWORD.sub(lambda m: m.group(1) + REDACTED + m.group(3), SECRET_VALUE.sub(REDACTED, v))
+            if cleaned != v:
+                found.append(where or "value")
+            return cleaned
+        return v
+
+    return walk(value, ""), found
+
+
+def redacted_header(found: list[str]) -> str:
+    """A YAML comment saying which values were left out of a file (empty if none)."""
+    if not found:
+        return ""
+    return (f"# credentials are never written to files: {', '.join(found)} "
+            "left out (pass them again, or use the environment: HF_TOKEN, ...)\n")
 
 
 @contextlib.contextmanager
@@ -137,11 +232,11 @@ def read_manifest(folder: Path) -> set[str] | None:
     try:
         data = json.loads((Path(folder) / MANIFEST).read_text())
         names = data["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
     if not isinstance(names, list):
         return None
-    return {n for n in names if isinstance(n, str) and is_safe_name(n) and n != MANIFEST}
+    return {n for n in names if isinstance(n, str) and is_safe_name(n) and n not in (MANIFEST, LOCK_NAME)}
 
 
 def record_written(folder: Path, add: list[str] | set[str] = (), forget: list[str] | set[str] = ()) -> None:
@@ -157,174 +252,65 @@ def remove_entry(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def check_output_dir(output: Path, overwrite: bool, keep: Path | None = None,
-                     keep_what: str = "the adapter") -> None:
-    """Refuse an output that is a file, holds files the tool did not write (no manifest), holds
-    an earlier output (unless overwriting), or would swallow `keep` (`keep_what` names it)."""
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"{output} exists and is not a directory")
-    if keep is not None:
-        out, src = output.resolve(), keep.resolve()
-        if out == src or out in src.parents:
-            raise ConfigError(f"--output {output} would replace {keep_what} {keep} itself")
-    if output.exists() and any(output.iterdir()):
-        if read_manifest(output) is None:
-            raise ConfigError(
-                f"{output} holds files this tool did not write; choose a new or empty --output "
-                f"(--overwrite only replaces what hydralora wrote, listed in its {MANIFEST})"
-            )
-        if not overwrite:
-            raise ConfigError(f"{output} holds an earlier output; pass --overwrite to replace "
-                              "its files, or choose another --output")
+def not_ours(folder: Path, names: Iterable[str]) -> list[str]:
+    """The `names` that exist in `folder` (a link counts) but are not listed in its manifest:
+    entries this tool did not write, which it never replaces or removes."""
+    ours = read_manifest(folder) or set()
+    return sorted(n for n in set(names) if os.path.lexists(Path(folder) / n) and n not in ours)
 
 
-@contextlib.contextmanager
-def staged_dir(output: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling directory to build the output in. On success a new or empty
-    `output` is replaced by it whole; an earlier output of ours (see `check_output_dir`) has
-    the files its manifest lists replaced or removed, and nothing else touched. On failure the
-    temporary directory is removed and `output` is untouched."""
-    check_output_dir(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; an export is for others to read
-    try:
-        yield tmp
-        names = sorted(p.name for p in tmp.iterdir() if p.name != MANIFEST)
-        if not output.exists() or not any(output.iterdir()):
-            record_written(tmp, names)
-            if output.exists():
-                output.rmdir()
-            os.replace(tmp, output)
-            return
-        ours = read_manifest(output) or set()
-        foreign = [n for n in names if (output / n).exists() and n not in ours]
-        if foreign:
-            raise ConfigError(f"{output}: would replace {', '.join(foreign[:5])}, which this tool "
-                              "did not write; move them away or choose another --output")
-        for name in names:
-            target = output / name
-            if target.is_dir() and not target.is_symlink():
-                aside = output / f".{name}.old-{os.getpid()}"
-                os.replace(target, aside)
-                os.replace(tmp / name, target)
-                shutil.rmtree(aside, ignore_errors=True)
-            else:
-                os.replace(tmp / name, target)
-        for name in sorted(ours - set(names)):
-            remove_entry(output / name)
-        write_json(output / MANIFEST, {"tool": "hydralora", "files": names})
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def foreign_inside(path: Path) -> list[Path]:
+    """What a folder of ours holds that its manifests (recursively) do not list; [] for a file,
+    and for a folder without a manifest (written before every folder got one: all ours)."""
+    if not path.is_dir() or path.is_symlink():
+        return []
+    ours = read_manifest(path)
+    if ours is None:
+        return []
+    found: list[Path] = []
+    for p in sorted(path.iterdir()):
+        if p.name in (MANIFEST, LOCK_NAME):
+            continue
+        found += foreign_inside(p) if p.name in ours else [p]
+    return found
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    except (OverflowError, ValueError):
-        return False
-    return True
+def remove_owned(path: Path) -> None:
+    """Remove `path`, an entry of ours: a folder with what its manifest lists (what else it holds
+    stays, and the folder with it), a file or link as it is."""
+    if not path.is_dir() or path.is_symlink():
+        path.unlink(missing_ok=True)
+        return
+    ours = read_manifest(path)
+    if ours is None:  # written before every folder got a manifest: all ours
+        shutil.rmtree(path)
+        return
+    for name in sorted(ours):
+        if os.path.lexists(path / name):
+            remove_owned(path / name)
+    if any(p.name != MANIFEST for p in path.iterdir()):
+        record_written(path, forget=ours)
+    else:
+        (path / MANIFEST).unlink(missing_ok=True)
+        path.rmdir()
 
 
-def acquire_lock(folder: Path) -> tuple[Path, str | None]:
-    """Create `folder`/.hydralora.lock holding this process's PID and host; returns (lock path,
-    a note when a stale lock of a dead process on this host was taken over). A lock of a live
-    process, or of another host, is a TrainingError naming the holder."""
-    path = Path(folder) / LOCK_NAME
-    host = socket.gethostname()
-    note = None
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text())
-            except (OSError, ValueError):
-                holder = {}
-            holder = holder if isinstance(holder, dict) else {}
-            pid, where = holder.get("pid"), holder.get("host")
-            if where == host and isinstance(pid, int) and not isinstance(pid, bool) and not _pid_alive(pid):
-                note = f"took over the stale lock {path}: process {pid} on {host} no longer runs"
-                path.unlink(missing_ok=True)
-                continue
-            raise TrainingError(
-                f"{folder} is in use: {path} says process {pid} on {where} (since "
-                f"{holder.get('since', '?')}) writes into it; wait for that run to end, or delete "
-                f"{path} if that process is gone"
-            ) from None
-        with os.fdopen(fd, "w") as f:
-            json.dump({"pid": os.getpid(), "host": host,
-                       "since": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
-        return path, note
-    raise TrainingError(f"{path}: could not take the lock (another run keeps taking it)")
+def make_readable(path: Path) -> None:
+    """A file this tool wrote gets the permissions of the umask (libraries that save through a
+    private temporary file leave 0600; the docs promise outputs others can read)."""
+    if path.is_file() and not path.is_symlink():
+        os.chmod(path, 0o666 & ~_umask())
 
 
-def release_lock(path: Path) -> None:
-    """Remove the lock if it is still this process's."""
-    try:
-        if json.loads(path.read_text()).get("pid") == os.getpid():
-            path.unlink()
-    except (OSError, ValueError, AttributeError):
-        pass
-
-
-def read_json_object(path: str | os.PathLike, missing: str = "no such file") -> dict[str, Any]:
-    """A JSON object from `path`; errors name the file (and line) and what is wrong."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: {missing}") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}, line {err.lineno}: not valid JSON ({err.msg})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return data
-
-
-class _OptionsLoader(yaml.SafeLoader):
-    """SafeLoader without aliases (no expansion blow-up: a 367-byte file could name billions of
-    values) and with exponent floats such as 2e-4 (YAML 1.1 needs a dot: `2.0e-4`)."""
-
-    def compose_node(self, parent, index):  # type: ignore[override]
-        if self.check_event(yaml.events.AliasEvent):
-            raise yaml.composer.ComposerError(
-                None, None, "aliases (*name) are not accepted in option files; write the value out",
-                self.peek_event().start_mark)
-        return super().compose_node(parent, index)
-
-
-_OptionsLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
-
-
-def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
-    """A YAML mapping from `path` ({} for an empty file); errors name the file and line.
-    Files over YAML_MAX_BYTES and aliases are refused."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        if size > YAML_MAX_BYTES:
-            raise ConfigError(f"{path}: {size} bytes; option files are limited to {YAML_MAX_BYTES} bytes")
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_OptionsLoader)  # noqa: S506 (safe loader)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read it ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f", line {mark.line + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{path}{where}: not valid YAML ({problem})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of option: value")
-    return data
+def stamp_tree(folder: Path, top: bool = False) -> None:
+    """A tree this tool has just written: every folder below `folder` (and `folder` itself if
+    `top`) gets a manifest listing what it holds, every file and folder the permissions of the
+    umask (others may read)."""
+    mask = _umask()
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(Path(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(Path(root, name), 0o666 & ~mask)
+        if top or Path(root) != Path(folder):
+            record_written(Path(root), add=[n for n in dirs + files if n != MANIFEST])

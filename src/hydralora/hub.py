@@ -4,35 +4,47 @@
   optionally `owner/name@revision`) downloaded with `huggingface_hub.snapshot_download` (the
   local cache first; with `HF_HUB_OFFLINE=1` only the cache).
 - `model_card(folder)`: the README.md of an adapter folder, built from the files the run wrote
-  (adapter_config.json, summary.json, train_config.yaml).
-- `push(PushOptions)`: upload a folder with `HfApi.upload_folder` (checkpoints, locks and the
-  manifest stay home); writes the model card first if the folder has no README.md.
+  (adapter_config.json, summary.json, train_config.yaml); `export_card` the one of an export.
+  Both carry license, pipeline_tag and the base model as a hub id where it is known.
+- `push(PushOptions)`: lists what it uploads (only files hydralora wrote, no training state,
+  dot-files or credentials, plus what `--include` names) and sends them in one commit; writes
+  the model card first if a folder of ours has none. Offline, no token, no network: one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from huggingface_hub import HfApi, snapshot_download
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+from huggingface_hub import CommitOperationAdd, HfApi, get_token, snapshot_download
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+)
 
 from .commands.common import looks_like_hub_id
 from .commands.info import PushOptions
-from .errors import AdapterError, ConfigError
-from .files import read_manifest, record_written, write_text
-
-CARD_NAME = "README.md"
-PUSH_IGNORE = ["checkpoints/*", "checkpoints", ".hydralora*", "data/*", "*.tmp", "**/.*"]
-# the built-in names' hub ids, for the card's metadata
-BUILTIN_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-
-
+from .errors import AdapterError, ConfigError, UserError
+from .cards import (  # noqa: F401 (the model cards' names, re-exported)
+    BUILTIN_HUB_IDS,
+    CARD_NAME,
+    VLLM_LORA_RANKS,
+    base_hub_id,
+    card_is_ours,
+    export_card,
+    model_card,
+    vllm_max_lora_rank,
+    write_model_card,
+)
+from .files import CONFIG_NAME, MANIFEST, SPLIT_FILE, read_manifest, redact
 def resolve_adapter(name: str | os.PathLike) -> Path:
     """A local adapter folder, or the local snapshot of a hub repository `owner/name[@rev]`."""
     path = Path(name)
@@ -51,137 +63,171 @@ def resolve_adapter(name: str | os.PathLike) -> Path:
                            f"({first})") from None
 
 
-# ---------------------------------------------------------------------------- model card
-def _read(folder: Path, name: str) -> Any:
-    try:
-        text = (folder / name).read_text()
-        return yaml.safe_load(text) if name.endswith(".yaml") else json.loads(text)
-    except (OSError, ValueError, yaml.YAMLError):
-        return None
+# ---------------------------------------------------------------------------- push
+# kept home unless named with --include: training state, data, dot-files, temporary files, and
+# files named like credentials (not tokenizer files: `tokenizer.json` is not a token)
+HOME_DIRS = {"checkpoints": "training state", "data": "data files", "runs": "training logs",
+             "wandb": "training logs"}
+CREDENTIAL_FILE = re.compile(r"(^|[._-])(tokens?|secrets?|credentials?|passwords?)([._-]|$)|"
+                             r"\.(pem|key|p12|pfx|netrc)$|^id_(rsa|dsa|ecdsa|ed25519)", re.I)
+TEXT_SUFFIXES = {".json", ".yaml", ".yml", ".md", ".txt", ".cfg", ".ini", ".toml", ".py", ".sh", ".jinja"}
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def _loss_table(results: dict[str, Any]) -> list[str]:
-    runs = {k: v for k, v in results.items() if isinstance(v, dict) and v}
-    domains = sorted({d for r in runs.values() for d in r if d != "mean"}) + ["mean"]
-    lines = ["| model | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]
-    for name, r in runs.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(r[d]["loss"]) if d in r else "-" for d in domains) + " |")
-    return lines
-
-
-def model_card(folder: str | os.PathLike) -> str:
-    """The model card (README.md text) of an adapter folder written by `hydralora train`."""
-    folder = Path(folder)
-    config = _read(folder, "adapter_config.json") or {}
-    summary = _read(folder, "summary.json") or {}
-    run = _read(folder, "train_config.yaml") or {}
-    split = (folder / "lora_split.json").exists()
-    base = config.get("base_model_name_or_path") or summary.get("model") or run.get("model") or "unknown"
-    base_id = BUILTIN_HUB_IDS.get(base, base)
-    peft_type = config.get("peft_type")
-    method = summary.get("method") or ("lora-split" if split else {"LORA": "lora"}.get(peft_type, "hydralora"))
-    meta: dict[str, Any] = {"library_name": "peft" if method == "lora" else "hydralora",
-                            "tags": ["hydralora", "lora", "peft" if method != "hydralora" else "mixture-of-lora-experts"]}
-    if looks_like_hub_id(base_id):
-        meta["base_model"] = base_id
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
-             f"# {folder.resolve().name}", "",
-             f"{summary.get('variant') or method} adapter for `{base}`, trained with "
-             "the `hydralora` package (HydraLoRA: one shared A, k B heads and a per-token router).", "",
-             "## Settings", ""]
-    settings = {k: config.get(k) for k in ("r", "alpha", "num_heads", "target_modules", "router",
-                                            "routing", "shared_a", "init_heads", "balance_loss_weight")
-                if k in config}
-    settings.update({k: run[k] for k in ("lr", "max_steps", "batch_size", "max_length", "seed",
-                                         "router_lr_multiplier") if k in run})
-    lines += [f"- {k}: `{v}`" for k, v in settings.items()] or ["- (no adapter_config.json found)"]
-    ks = config.get("k_selection") or summary.get("k_selection")
-    k = config.get("num_heads", summary.get("num_heads"))
-    if ks:
-        lines.append(f"- k = {ks.get('k', k)} heads, chosen automatically ({ks.get('method', 'elbow of k-means SSE')}, "
-                     "`--num-heads auto`)")
-    elif k is not None:
-        lines.append(f"- k = {k} heads, set by hand (`--num-heads {k}`)")
-    if "trainable_params" in summary:
-        lines.append(f"- trainable parameters: {summary['trainable_params']:,} "
-                     f"({100 * summary.get('trainable_share', 0):.3f}% of {summary.get('total_params', 0):,})")
-    if "steps" in summary:
-        lines.append(f"- training: {summary['steps']} steps, final loss {_fmt(summary.get('final_loss'))}")
-    data = summary.get("data") or {}
-    lines += ["", "## Data", ""]
-    lines.append(f"Training files: {', '.join(map(str, run.get('data') or [])) or 'unknown'}.")
-    for part in ("train", "held_out"):
-        if data.get(part):
-            sizes = ", ".join(f"{d}: {n}" for d, n in sorted(data[part].items()))
-            lines.append(f"- {part.replace('_', '-')} examples per domain: {sizes}")
-    results = summary.get("eval") or {}
-    if results:
-        lines += ["", "## Held-out results", "",
-                  "Mean cross-entropy per response token (lower is better), per domain:", "",
-                  *_loss_table(results)]
-    lines += ["", "## How to load it", "", "```python"]
-    if method == "lora":
-        lines += ["from transformers import AutoModelForCausalLM", "from peft import PeftModel", f"model = AutoModelForCausalLM.from_pretrained({base_id!r})",
-                  "model = PeftModel.from_pretrained(model, 'THIS_FOLDER_OR_REPO')"]
-    else:
-        lines += ["from hydralora.methods import load_model_with_adapter",
-                  f"model, tokenizer = load_model_with_adapter({base!r}, 'THIS_FOLDER_OR_REPO')"]
-    lines += ["```", "", "Command line: `hydralora generate --model "
-              f"{base} --adapter THIS_FOLDER_OR_REPO --prompt ...`; scoring with lm-evaluation-harness: "
-              "`python -m hydralora.integrations.lm_eval --model hydralora --model_args "
-              f"pretrained={base},adapter=THIS_FOLDER_OR_REPO --tasks ...`."]
-    if method == "hydralora":
-        lines += ["", "Serving stacks that do not run per-token routing load a static export: "
-                  "`hydralora export --format peft-lora` (a PEFT LoRA: `PeftModel.from_pretrained`, "
-                  "vLLM `--enable-lora`, lm-eval `--model hf --model_args pretrained=BASE,peft=EXPORT`) "
-                  "or `--format merged` (a full model)."]
-    return "\n".join(lines) + "\n"
-
-
-def card_is_ours(folder: Path) -> bool:
-    """True when README.md is missing or listed in the folder's manifest (we wrote it)."""
-    return not (folder / CARD_NAME).exists() or CARD_NAME in (read_manifest(folder) or set())
-
-
-def write_model_card(folder: str | os.PathLike, record: bool = False) -> bool:
-    """Write README.md unless a README.md we did not write is there; `record` lists it in the
-    manifest at once (callers inside `run_folder` leave that to the run). True if written."""
-    folder = Path(folder)
-    if not card_is_ours(folder):
-        return False
-    write_text(folder / CARD_NAME, model_card(folder))
-    if record:
-        record_written(folder, add=[CARD_NAME])
+def _owned(folder: Path, parts: tuple[str, ...]) -> bool:
+    """Whether the manifests from `folder` down list every part of this path (a folder
+    without a manifest below a listed one: written before every folder got one)."""
+    current = folder
+    for part in parts:
+        listed = read_manifest(current)
+        if listed is None:
+            return current != folder
+        if part not in listed:
+            return False
+        current = current / part
     return True
 
 
-# ---------------------------------------------------------------------------- push
+def _why_home(folder: Path, rel: str, path: Path) -> str | None:
+    parts = tuple(rel.split("/"))
+    if path.is_symlink():
+        return "a link"
+    if any(p.startswith(".") for p in parts):
+        return "a hidden file"
+    if parts[0] in HOME_DIRS and len(parts) > 1:
+        return HOME_DIRS[parts[0]]
+    if rel.endswith(".tmp"):
+        return "a temporary file"
+    if CREDENTIAL_FILE.search(parts[-1]):
+        return "named like a credential"
+    if not _owned(folder, parts):
+        return "not written by hydralora"
+    return None
+
+
+def secrets_in(path: Path) -> list[str]:
+    """Where a text file holds a credential: a credential-like key with a value, a token, a
+    URL password (empty for other files)."""
+    if path.suffix.lower() not in TEXT_SUFFIXES and path.name != "README":
+        return []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return []
+    value: Any = text
+    with contextlib.suppress(ValueError, yaml.YAMLError, RecursionError):
+        if path.suffix in (".json",):
+            value = json.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            value = yaml.safe_load(text)
+    found = redact(value)[1]
+    if value is not text and not found:  # a token in a comment of a YAML file, ...
+        found = redact(text)[1]
+    return found
 
 
 def push_plan(opts: PushOptions) -> dict[str, Any]:
-    """Check the folder and prepare it (model card); the arguments of `upload_folder`."""
+    """Choose what goes up: the files hydralora wrote into the folder (its manifests), without
+    training state, data, dot-files, temporary files or files named like credentials, plus what
+    `--include` names; a file holding a credential stops the push. Writes the model card first
+    when a folder of ours has none. Returns {"files": [paths], "home": {path: why}, ...}."""
     folder = Path(opts.folder)
-    if not (folder / "adapter_config.json").exists() and not (folder / "lora_split.json").exists():
+    if not (folder / CONFIG_NAME).exists() and not (folder / SPLIT_FILE).exists():
         raise AdapterError(f"{folder}: not an adapter folder (no adapter_config.json)")
-    if not (folder / CARD_NAME).exists():
-        write_model_card(folder, record=read_manifest(folder) is not None)
-    return dict(repo_id=opts.repo, folder_path=str(folder), repo_type="model",
-                revision=opts.revision, commit_message=opts.commit_message,
-                ignore_patterns=PUSH_IGNORE)
+    ours = read_manifest(folder)
+    if ours is None and not opts.include:
+        raise ConfigError(f"{folder}: no {MANIFEST}, so hydralora did not write it; push sends only "
+                          "what it wrote or what you name: --include adapter_config.json "
+                          "adapter_model.safetensors ...")
+    card = folder / CARD_NAME
+    if ours is not None and not card.exists() and not opts.dry_run:
+        write_model_card(folder, record=True)
+    chosen, home = [], {}
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files) + [d for d in dirs if Path(root, d).is_symlink()]:
+            path = Path(root, name)
+            rel = path.relative_to(folder).as_posix()
+            why = _why_home(folder, rel, path)
+            if why:
+                home[rel] = why
+            else:
+                chosen.append(rel)
+    for rel in opts.include:
+        path = folder / rel
+        inside = path.resolve().is_relative_to(folder.resolve()) and ".." not in Path(rel).parts
+        if not inside or path.is_symlink() or not path.is_file():
+            raise ConfigError(f"--include {rel}: not a file inside {folder}")
+        home.pop(Path(rel).as_posix(), None)
+        chosen.append(Path(rel).as_posix())
+    chosen = sorted(set(chosen))
+    for rel in chosen:
+        found = secrets_in(folder / rel)
+        if found:
+            raise ConfigError(f"{folder / rel}: holds a credential ({', '.join(found[:3])}); push never "
+                              "uploads credentials: remove it from the file (the Hub token comes from "
+                              "`hf auth login` or HF_TOKEN)")
+    if ours is not None and not card.exists():
+        chosen.append(f"{CARD_NAME} (model card, written before the upload)")
+    return {"folder": folder, "files": chosen, "home": home}
+
+
+def _hub_error(err: Exception, repo: str) -> UserError | None:
+    """A failed Hub call as one line saying what to do, or None for a bug."""
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    if isinstance(err, OfflineModeIsEnabled):
+        return ConfigError("push: the Hub is off (HF_HUB_OFFLINE=1); unset it to push")
+    if status == 401:
+        return ConfigError("push: the Hub refused the token (401 Unauthorized): log in again "
+                           "(`hf auth login`) or set HF_TOKEN")
+    if status == 403:
+        return ConfigError(f"push: the token may not write to {repo} (403 Forbidden): use a token "
+                           "with write access, or a repository of yours")
+    if isinstance(err, HfHubHTTPError):
+        return ConfigError(f"push: the Hub answered {status or 'an error'} ({first})")
+    network = type(err).__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3")
+    if network or isinstance(err, (ConnectionError, TimeoutError, OSError)):
+        return ConfigError(f"push: cannot reach the Hub ({first}); check the network (and "
+                           "HF_ENDPOINT), then push again")
+    return None
 
 
 def push(opts: PushOptions) -> str:
-    """Create the repository if needed and upload the folder; returns the commit URL."""
+    """List what goes up (`push_plan`), then create the repository if needed and upload those
+    files in one commit; returns the commit URL ('' for --dry-run)."""
     plan = push_plan(opts)
+    print(f"{'would upload' if opts.dry_run else 'uploading'} {len(plan['files'])} files from "
+          f"{plan['folder']} to {opts.repo}:")
+    for rel in plan["files"]:
+        print(f"  {rel}")
+    if plan["home"]:
+        groups: dict[str, set[str]] = {}
+        for rel, why in plan["home"].items():
+            groups.setdefault(why, set()).add(rel.split("/")[0] + "/" if why in HOME_DIRS.values() else rel)
+        print("kept home (--include PATH sends one): " + "; ".join(
+            f"{why}: {', '.join(sorted(names)[:4])}{f' and {len(names) - 4} more' if len(names) > 4 else ''}"
+            for why, names in sorted(groups.items())))
+    if opts.dry_run:
+        return ""
+    if hf_constants.HF_HUB_OFFLINE:
+        raise ConfigError("push: the Hub is off (HF_HUB_OFFLINE=1); unset it to push")
+    if not get_token():
+        raise ConfigError("push: no Hugging Face token: log in with `hf auth login` or set HF_TOKEN")
+    files = [f for f in plan["files"] if not f.endswith("(model card, written before the upload)")]
+    operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(plan["folder"] / rel))
+                  for rel in files]
     api = HfApi()
-    api.create_repo(opts.repo, private=opts.private, exist_ok=True, repo_type="model")
-    if opts.revision:
-        api.create_branch(opts.repo, branch=opts.revision, exist_ok=True)
-    commit = api.upload_folder(**plan)
+    try:
+        api.create_repo(opts.repo, private=opts.private, exist_ok=True, repo_type="model")
+        if opts.revision:
+            api.create_branch(opts.repo, branch=opts.revision, exist_ok=True)
+        commit = api.create_commit(opts.repo, operations=operations, commit_message=opts.commit_message,
+                                   revision=opts.revision, repo_type="model")
+    except Exception as err:  # noqa: BLE001 (sorted out by _hub_error: the rest re-raised)
+        error = _hub_error(err, opts.repo)
+        if error is None:
+            raise
+        raise error from None
     url = str(getattr(commit, "commit_url", commit))
     print(f"pushed {opts.folder} to {opts.repo}: {url}")
     return url

@@ -17,7 +17,7 @@ import numpy as np
 from .commands.info import InfoOptions
 from .config import HydraLoraConfig
 from .errors import AdapterError
-from .files import CONFIG_NAME, ROUTER_STATS, SPLIT_FILE, WEIGHTS_NAME
+from .files import CONFIG_NAME, ROUTER_STATS, SPLIT_FILE, WEIGHTS_NAME, read_json
 from .hub import resolve_adapter
 
 PEFT_TYPES = {"HYDRALORA": "hydralora", "LORA": "lora"}
@@ -34,10 +34,10 @@ def adapter_kind(path: str | os.PathLike) -> str:
     config_file = path / CONFIG_NAME
     if not config_file.exists():
         raise AdapterError(f"{path}: missing {CONFIG_NAME}; is this an adapter directory?")
-    try:
-        peft_type = json.loads(config_file.read_text()).get("peft_type")
-    except (json.JSONDecodeError, AttributeError) as err:
-        raise AdapterError(f"{config_file}: not a JSON object ({err})") from None
+    data = _read_json(config_file)
+    if not isinstance(data, dict):
+        raise AdapterError(f"{config_file}: not a JSON object")
+    peft_type = data.get("peft_type")
     if peft_type not in PEFT_TYPES:
         raise AdapterError(f"{config_file}: unsupported peft_type {peft_type!r}")
     return PEFT_TYPES[peft_type]
@@ -63,9 +63,10 @@ def head_similarity(lora_b: np.ndarray, num_heads: int) -> float | None:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterError(f"{path}: not readable JSON ({err}); restore the file or remove it") from None
+        return read_json(path)
+    except (OSError, ValueError) as err:  # ConfigError included: it names the file and line
+        raise AdapterError(str(err) if str(err).startswith(str(path))
+                           else f"{path}: not readable JSON ({err}); restore the file or remove it") from None
 
 
 def describe_hydralora(path: Path) -> dict[str, Any]:
@@ -94,9 +95,12 @@ def describe_hydralora(path: Path) -> dict[str, Any]:
         head_cos_sim_mean=sum(sims) / len(sims) if sims else None,
         head_cos_sim_max=max(sims) if sims else None,
     )
-    for extra in ("summary.json", ROUTER_STATS):
+    for extra in ("summary.json", ROUTER_STATS):  # a run's records: broken ones are skipped
         if (path / extra).exists():
-            info[extra.removesuffix(".json")] = _read_json(path / extra)
+            try:
+                info[extra.removesuffix(".json")] = _read_json(path / extra)
+            except AdapterError as err:
+                info.setdefault("skipped", []).append(str(err))
     return info
 
 
@@ -118,6 +122,7 @@ def format_hydralora(info: dict[str, Any]) -> str:
             f"head similarity (mean pairwise cosine of B heads): mean {info['head_cos_sim_mean']:.3f}, "
             f"max {info['head_cos_sim_max']:.3f}"
         )
+    lines += [f"skipped: {note}" for note in info.get("skipped", [])]
     stats = info.get("router_stats")
     if isinstance(stats, dict) and stats:
         try:

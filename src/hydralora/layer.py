@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import HydraLoraConfig
-from .errors import ConfigError
+from .errors import AdapterError, ConfigError
 from .fused import fused_forward
 from .routing.context import RoutingContext, RoutingError, active_routing, in_backward
 from .routing.router import (
@@ -157,6 +157,11 @@ class HydraLoraLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged_gates is not None and self.training and torch.is_grad_enabled() \
+                and not self.disabled and self.lora_B.requires_grad:
+            raise AdapterError("training a merged HydraLoRA layer: its update is folded into the base "
+                               "weight and would get no gradient; call unmerge() on the merged layers "
+                               "(hydralora.export.unmerge_all(model)) first, or model.eval() for inference")
         if self.disabled or self.merged_gates is not None:
             return self.base(x)
         ctx = active_routing()
@@ -338,8 +343,10 @@ class HydraLoraLinear(nn.Module):
         g = torch.as_tensor(gates, dtype=torch.float32).detach().cpu().flatten()
         if g.numel() != k:
             raise ConfigError(f"expected {k} gate values (one per head), got {g.numel()}")
-        if not torch.isfinite(g).all():
-            raise ConfigError(f"gate values must be finite, got {g.tolist()}")
+        if not torch.isfinite(g).all() or (g < 0).any():
+            raise ConfigError(f"gate values must be finite and non-negative, got {g.tolist()}")
+        if abs(float(g.sum()) - 1.0) > 1e-3:  # as the router's: a larger sum scales the update
+            raise ConfigError(f"gate values must sum to 1 (as the router's do), they sum to {float(g.sum()):.4f}")
         return g
 
     def extra_repr(self) -> str:

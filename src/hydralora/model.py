@@ -24,6 +24,7 @@ from torch import nn
 from .config import FORMAT_VERSION, HydraLoraConfig
 from .errors import AdapterError, ConfigError
 from .files import CONFIG_NAME, WEIGHTS_NAME, atomic_write
+from .cards import same_base_model
 from .hub import resolve_adapter
 from .layer import SUPPORTED_BASE_TYPES, HydraLoraLinear
 
@@ -39,6 +40,7 @@ def package_version() -> str:
 
 
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer except the output head
+MAX_ABS_WEIGHT = 1e4  # adapter weights beyond this are broken (trained ones stay far below 10)
 
 
 def is_all_linear(targets: list[str] | str) -> bool:
@@ -85,6 +87,9 @@ def find_targets(model: nn.Module, targets: list[str] | str) -> list[tuple[str, 
     """The (name, module) pairs that `targets` selects; an error if none, or if any is not a
     linear layer (the message lists the linear layers that exist). 'all-linear' selects every
     linear layer but the output head, as PEFT does."""
+    if not isinstance(targets, str) and len(targets) > 1 and ALL_LINEAR in [t.lower() for t in targets]:
+        raise ConfigError(f"target_modules={targets!r}: {ALL_LINEAR} already selects every linear layer "
+                          "(but the output head); give it alone, or name the modules without it")
     if is_all_linear(targets):
         names = set(all_linear_names(model))
         matched = [(n, m) for n, m in model.named_modules() if n in names]
@@ -117,6 +122,7 @@ def add_hydralora(model: nn.Module, config: HydraLoraConfig) -> nn.Module:
         )
     config.validate()
     matched = find_targets(model, config.target_modules)
+    check_adapter_size(model, config, matched)
     setattr(model, _FROZEN_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
     for p in model.parameters():
         p.requires_grad_(False)
@@ -132,6 +138,23 @@ def add_hydralora(model: nn.Module, config: HydraLoraConfig) -> nn.Module:
         _set_submodule(model, name, HydraLoraLinear(module, config))
     setattr(model, _CONFIG_ATTR, config)
     return model
+
+
+def check_adapter_size(model: nn.Module, config: HydraLoraConfig, matched: list[tuple[str, nn.Module]]) -> None:
+    """Refuse, before allocating, an adapter larger than its base model several times over (a
+    mistyped --num-heads or --r): it would exhaust memory, or take minutes to fail."""
+    size = 0
+    for _, module in matched:
+        d_in, d_out = (module.in_features, module.out_features) if hasattr(module, "in_features") \
+            else tuple(module.weight.shape[::-1])
+        a_rows = config.r if config.shared_a else config.r * config.num_heads
+        size += a_rows * d_in + config.num_heads * config.r * d_out
+        size += config.num_heads * d_in if config.has_router else 0
+    base = sum(p.numel() for p in model.parameters())
+    if size > max(4 * base, 10**8):
+        raise ConfigError(f"the adapter would hold {size:,} parameters, {size / max(base, 1):,.0f} times its "
+                          f"base model's {base:,} (r={config.r}, num_heads={config.num_heads} on "
+                          f"{len(matched)} layers): lower --num-heads or --r")
 
 
 def remove_hydralora(model: nn.Module, keep_merged: bool = False) -> nn.Module:
@@ -227,8 +250,11 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def _base_model_name(model: nn.Module) -> str | None:
+    """The model's name as an adapter records it: a local folder as an absolute path (the
+    adapter then loads from any working directory), a hub id as it is."""
     cfg = getattr(model, "config", None)
-    return getattr(cfg, "name_or_path", None) or None
+    name = getattr(cfg, "name_or_path", None) or None
+    return str(Path(name).resolve()) if name and Path(name).is_dir() else name
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, overwrite: bool = True,
@@ -309,9 +335,10 @@ def load_adapter(
         remove_hydralora(model)
         raise
     current = _base_model_name(model)
-    if saved_base and current and Path(saved_base).name != Path(current).name:
+    if saved_base and current and not same_base_model(str(saved_base), current):
         warnings.warn(
-            f"{path}: adapter was trained on {saved_base!r}, loading into {current!r}",
+            f"{path}: adapter was trained on {saved_base!r}, loading into {current!r}; "
+            "its weights may not fit this model",
             stacklevel=2,
         )
     for p in adapter_state_dict(model).values():
@@ -342,13 +369,25 @@ def load_adapter_weights(
             f"{source} does not fit this model ({len(problems)} problem(s)); was it trained on "
             "another base model or config?\n  " + "\n  ".join(problems)
         )
-    broken = [k for k in sorted(params) if tensors[k].is_floating_point() and not torch.isfinite(tensors[k]).all()]
+    kinds = [f"{k} ({str(tensors[k].dtype).removeprefix('torch.')})" for k in sorted(params)
+             if not tensors[k].is_floating_point()]
+    if kinds:
+        raise AdapterError(f"{source}: tensor {kinds[0]} is not floating point"
+                           + (f" ({len(kinds) - 1} more)" if len(kinds) > 1 else "")
+                           + "; adapter weights are float tensors: the file is broken or not an adapter")
+    broken = [k for k in sorted(params) if not torch.isfinite(tensors[k]).all()]
     if broken:
         raise AdapterError(
             f"{source}: tensor {broken[0]} holds NaN or infinite values"
             + (f" ({len(broken) - 1} more tensors too)" if len(broken) > 1 else "")
             + "; the adapter is broken (did training diverge?): use an earlier checkpoint"
         )
+    huge = [(k, float(tensors[k].abs().max())) for k in sorted(params) if tensors[k].numel()]
+    huge = [(k, v) for k, v in huge if v > MAX_ABS_WEIGHT]
+    if huge:
+        raise AdapterError(
+            f"{source}: tensor {huge[0][0]} holds values up to {huge[0][1]:.3g} (adapter weights stay far "
+            f"below {MAX_ABS_WEIGHT:g}); the adapter is broken: use an earlier checkpoint")
     with torch.no_grad():
         for key, p in params.items():
             p.copy_(tensors[key].to(p.dtype))

@@ -73,7 +73,10 @@ def add_dataclass_flags(
     """Add one flag per field; defaults are SUPPRESSed so only flags given show up, and the
     dataclass supplies the rest (its defaults are the only ones). `defaults` names values that
     the command uses instead of the dataclass's (shown in the help). Field metadata:
-    `positional` (an argument, not a flag), `required`, `choices`, `aliases`."""
+    `positional` (an argument, not a flag), `required`, `choices`, `aliases` (other names of
+    the option, e.g. ("lr",) for learning_rate: each one a flag too, `--lr`; YAML keys as well,
+    see `field_aliases`). A flag with other names records which one was given, so that
+    `check_given_once` can refuse the same option under two names."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     group = parser.add_argument_group(cls.__name__)
@@ -112,8 +115,61 @@ def add_dataclass_flags(
             continue
         if meta.get("required"):
             kwargs["required"] = True
-        names = [flag, *(aliases or {}).get(f.name, []), *meta.get("aliases", ())]
-        group.add_argument(*names, dest=f.name, **kwargs)
+        others = ["--" + a.replace("_", "-") for a in meta.get("aliases", ())]
+        names = [flag, *(aliases or {}).get(f.name, []), *others]
+        action = group.add_argument(*names, dest=f.name, **kwargs)
+        if len(names) > 1:
+            action.__class__ = _recording(type(action))
+
+
+GIVEN = "_option_names_given"  # {dest: {flag, ...}} of the options given under several names
+
+
+def _recording(cls: type) -> type:
+    """`cls` (an argparse Action) that also notes the name it was given under."""
+
+    class Recording(cls):  # type: ignore[misc,valid-type]
+        def __call__(self, parser, namespace, values, option_string=None):
+            name = (option_string or "").replace("--no-", "--", 1)
+            namespace.__dict__.setdefault(GIVEN, {}).setdefault(self.dest, set()).add(name)
+            super().__call__(parser, namespace, values, option_string)
+
+    Recording.__name__ = cls.__name__
+    return Recording
+
+
+def check_given_once(args: argparse.Namespace) -> None:
+    """An option given under two of its names (--lr 1e-3 --learning-rate 2e-4) is an error."""
+    for dest, names in sorted(getattr(args, GIVEN, {}).items()):
+        if len(names) > 1:
+            raise ConfigError(f"{' and '.join(sorted(names))} name the same option ({dest}): give it once")
+
+
+def field_aliases(*classes: type) -> dict[str, str]:
+    """{other name: field name} from the fields' `aliases` metadata (e.g. lr -> learning_rate)."""
+    return {alias: f.name for cls in classes for f in dataclasses.fields(cls)
+            for alias in f.metadata.get("aliases", ())}
+
+
+def option_label(cls: type, name: str) -> str:
+    """The flag of field `name` of `cls`, with its other names: '--learning-rate (--lr)'."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    others = fields[name].metadata.get("aliases", ()) if name in fields else ()
+    return flag(name) + (f" ({', '.join(map(flag, others))})" if others else "")
+
+
+def canonical_names(values: dict[str, Any], aliases: dict[str, str], source: str) -> dict[str, Any]:
+    """`values` with every other name replaced by its field's name; an option given under two
+    names is a ConfigError naming both and `source`."""
+    out: dict[str, Any] = {}
+    given_as: dict[str, str] = {}
+    for key, value in values.items():
+        name = aliases.get(key, key)
+        if name in out:
+            raise ConfigError(f"{source}: {given_as[name]!r} and {key!r} name the same option "
+                              f"({name}); give it once")
+        out[name], given_as[name] = value, key
+    return out
 
 
 def options_from_args(cls: type, args: argparse.Namespace) -> Any:
@@ -129,19 +185,23 @@ def normalize_targets(value: Any) -> Any:
     return value
 
 
-def read_yaml_config(path: str | Path, known: set[str]) -> dict[str, Any]:
-    """Flat YAML mapping of field names (dashes or underscores); unknown keys are an error."""
+def read_yaml_config(path: str | Path, known: set[str],
+                     aliases: dict[str, str] | None = None) -> dict[str, Any]:
+    """Flat YAML mapping of field names (dashes or underscores) or their other names
+    (`aliases`: {other name: field name}), returned under the field names; unknown keys and an
+    option given twice (under two names) are an error."""
     path = Path(path)
     data = read_yaml_mapping(path)
+    aliases = aliases or {}
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
-        if name not in known:
+        if name not in known and name not in aliases:
             raise ConfigError(
                 f"{path}: unknown option {short(key)}; known options: {', '.join(sorted(known))}"
             )
         out[name] = value
-    return out
+    return canonical_names(out, aliases, str(path))
 
 
 def split_fields(values: dict[str, Any], *classes: type) -> list[dict[str, Any]]:
@@ -173,11 +233,12 @@ def coerce_values(values: dict[str, Any], *classes: type) -> dict[str, Any]:
             if f.name not in out or out[f.name] is None:
                 continue
             kind, value = _kind(hints[f.name]), out[f.name]
+            label = option_label(cls, f.name)
             if kind in ("int", "float") and isinstance(value, str) and not _is_int_or_auto(f.name, value):
                 try:
                     value = float(value) if kind == "float" else int(value)
                 except ValueError:
-                    raise ConfigError(f"{flag(f.name)}: expected {'an integer' if kind == 'int' else 'a number'}, "
+                    raise ConfigError(f"{label}: expected {'an integer' if kind == 'int' else 'a number'}, "
                                       f"got {short(value)}") from None
             if kind == "int" and isinstance(value, float) and value.is_integer():
                 value = int(value)
@@ -185,15 +246,15 @@ def coerce_values(values: dict[str, Any], *classes: type) -> dict[str, Any]:
                 value = float(value)
             if (kind in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float)))
                     and not _is_int_or_auto(f.name, value)):
-                raise ConfigError(f"{flag(f.name)}: expected a number, got {short(value)}")
+                raise ConfigError(f"{label}: expected a number, got {short(value)}")
             if kind == "list" and isinstance(value, str):
                 value = [value]
             if kind == "list|str" and isinstance(value, str) and not REGEX_CHARS & set(value):
                 value = [value]
             if kind in ("list", "list|str") and isinstance(value, list) and not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"{flag(f.name)}: expected a list of names, got {short(value)}")
+                raise ConfigError(f"{label}: expected a list of names, got {short(value)}")
             if kind == "bool" and not isinstance(value, bool):
-                raise ConfigError(f"{flag(f.name)}: expected true or false, got {short(value)}")
+                raise ConfigError(f"{label}: expected true or false, got {short(value)}")
             out[f.name] = value
     return out
 
@@ -219,4 +280,5 @@ def check_ranges(obj: Any, rules: dict[str, str]) -> None:
         else:
             ok = number and math.isfinite(value) and (value > 0 if rule == ">0" else value >= 0)
         if not ok:
-            raise ConfigError(f"{flag(name)} must be {what}, got {short(value)}")
+            label = option_label(type(obj), name) if dataclasses.is_dataclass(obj) else flag(name)
+            raise ConfigError(f"{label} must be {what}, got {short(value)}")

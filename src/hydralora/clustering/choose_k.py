@@ -40,13 +40,14 @@ from matplotlib.figure import Figure
 
 from ..base_models import load_model
 from ..commands.analyze import ClusterOptions
-from ..commands.common import K_MAX
-from .kmeans import DEFAULT_TFIDF, ClusterModel, check_texts, kmeans, tfidf_features
+from ..commands.common import BUILTIN, K_MAX
+from .kmeans import DEFAULT_TFIDF, MODEL_JSON, MODEL_TENSORS, ClusterModel, check_texts, kmeans, tfidf_features
 from ..data import load_examples
 from ..data.builtin import resolve_builtin
 from ..dist import progress
 from ..errors import ClusterModelError, ConfigError
 from ..files import atomic_write, write_json
+from ..folders import owned_folder
 
 __all__ = [
     "DEFAULT_TFIDF",
@@ -318,7 +319,8 @@ def plot_sse(selection: KSelection, path: str | os.PathLike) -> None:
     ax.legend(loc="upper right")
     ax.set_title("k-means elbow")
     fig.tight_layout()
-    fig.savefig(os.fspath(path), format="png")
+    with atomic_write(path) as tmp:
+        fig.savefig(os.fspath(tmp), format="png")
 
 
 def select_num_heads(texts: Sequence[str], k_max: int = K_MAX, seed: int = 0) -> dict[str, Any]:
@@ -330,9 +332,20 @@ def select_num_heads(texts: Sequence[str], k_max: int = K_MAX, seed: int = 0) ->
 # --------------------------------------------------------------------------- the command
 
 
+CLUSTER_FILES = ("clusters.json", "labels.jsonl", "sse.png")
+
+
 def run_cluster(opts: ClusterOptions) -> dict[str, Any]:
-    """The `hydralora cluster` command: choose k, write the results, print the curves."""
+    """The `hydralora cluster` command: choose k, write the results, print the curves. Files of
+    those names that the tool did not write are never replaced; its own only with --overwrite."""
     out = Path(opts.output)
+    names = [*CLUSTER_FILES, *((MODEL_JSON, MODEL_TENSORS) if opts.features == "tfidf" else ()),
+             *(("data",) if BUILTIN in opts.data else ())]
+    with owned_folder(out, names, opts.overwrite):
+        return _run_cluster(opts, out)
+
+
+def _run_cluster(opts: ClusterOptions, out: Path) -> dict[str, Any]:
     examples = load_examples(resolve_builtin(opts.data, out / "data", "train"))
     texts = [e.instruction for e in examples]
     if opts.k_max > len(texts):
@@ -350,7 +363,6 @@ def run_cluster(opts: ClusterOptions) -> dict[str, Any]:
     has_domains = all(d is not None for d in domains)
     if has_domains:
         result["purity"] = purity(selection.labels, domains)
-    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "clusters.json", result)
     with atomic_write(out / "labels.jsonl") as tmp:
         with open(tmp, "w") as f:

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 from ..options import check_ranges
-from .common import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MAX_LENGTH, DEFAULT_MODEL, K_MAX, check_placement
+from .common import (DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MAX_LENGTH, DEFAULT_MODEL, K_MAX, MAX_SEED,
+                     check_int_bounds, check_placement)
 
 
 @dataclass
@@ -37,10 +38,13 @@ class AnalyzeOptions:
     """Where the model runs: auto (the GPU when there is one), cpu, cuda or cuda:N."""
     dtype: str = DEFAULT_DTYPE
     """Dtype of the base weights: auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or float16."""
+    overwrite: bool = False
+    """Allow replacing the files of an earlier analyze in --output (never files it did not write)."""
 
     def __post_init__(self) -> None:
         check_ranges(self, {"per_domain_steps": ">=0", "batch_size": ">=1", "lr": ">0", "seed": ">=0",
                             "max_length": ">=1"})
+        check_int_bounds(self, {"seed": MAX_SEED})
         check_placement(self.device, self.dtype)
 
     def domain_loras(self) -> dict[str, str] | None:
@@ -72,8 +76,11 @@ class ClusterOptions:
     """Where --features embeddings runs the model: auto (the GPU when there is one), cpu, cuda or cuda:N."""
     dtype: str = DEFAULT_DTYPE
     """Dtype of the model for --features embeddings: auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or float16."""
+    overwrite: bool = False
+    """Allow replacing the files of an earlier cluster in --output (never files it did not write)."""
 
     def __post_init__(self) -> None:
         check_ranges(self, {"k_max": ">=1", "seed": ">=0"})
+        check_int_bounds(self, {"seed": MAX_SEED})
         if self.features == "embeddings":
             check_placement(self.device, self.dtype)

@@ -28,6 +28,24 @@ GROUPINGS = ("per-domain", "per-cluster")  # export --gates for per-request serv
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")  # owner/name[@revision]
 
 
+MAX_SEED = 2**32 - 1  # numpy's and scikit-learn's seeds are 32-bit
+MAX_INT = 2**63 - 1  # what torch and numpy hold; a larger count is a typo
+
+
+def check_int_bounds(obj: object, limits: dict[str, int] | None = None) -> None:
+    """Integers argparse and YAML accept but nothing downstream can hold (a seed of 2**32, a
+    5000-digit step count): one ConfigError naming the flag. Every int field of the dataclass
+    `obj` is checked against MAX_INT, those in `limits` against their own bound."""
+    import dataclasses
+
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        limit = (limits or {}).get(f.name, MAX_INT)
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > limit:
+            text = str(value) if abs(value) < 10**20 else f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+            raise ConfigError(f"--{f.name.replace('_', '-')} must be at most {limit}, got {text}")
+
+
 def looks_like_hub_id(name: str) -> bool:
     return bool(HUB_ID.match(name)) and not name.startswith((".", "/", "~"))
 

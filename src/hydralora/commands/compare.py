@@ -11,9 +11,8 @@ from .common import DEFAULT_MODEL
 
 ROWS = ("lora", "hydralora", "control", "oracle")
 # flags compare sets itself for each run; given among the training flags they are an error
-OWNED_FLAGS = ("method", "r", "num_heads", "alpha", "routing", "route_labels_from", "lr", "seed",
-               "data", "eval_data", "output", "overwrite", "resume", "model", "eval_base", "preset",
-               "learning_rate")
+OWNED_FLAGS = ("method", "r", "num_heads", "alpha", "routing", "route_labels_from", "learning_rate",
+               "seed", "data", "eval_data", "output", "overwrite", "resume", "model", "eval_base", "preset")
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..options import check_ranges
-from .common import TEST_PER_DOMAIN, TRAIN_PER_DOMAIN
+from .common import MAX_SEED, TEST_PER_DOMAIN, TRAIN_PER_DOMAIN, check_int_bounds
 
 
 @dataclass
@@ -21,6 +21,7 @@ class DemoOptions:
 
     def __post_init__(self) -> None:
         check_ranges(self, {"max_steps": ">=1"})
+        check_int_bounds(self)
 
 
 @dataclass
@@ -35,6 +36,9 @@ class BuiltinDataOptions:
     """Examples per domain of the test split."""
     seed: int = 0
     """Seed of the shuffle and split."""
+    overwrite: bool = False
+    """Allow replacing the train.jsonl and test.jsonl of an earlier `data builtin` (never files it did not write)."""
 
     def __post_init__(self) -> None:
         check_ranges(self, {"train_per_domain": ">=1", "test_per_domain": ">=1", "seed": ">=0"})
+        check_int_bounds(self, {"seed": MAX_SEED})

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..options import check_ranges
-from .common import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MAX_LENGTH, DEFAULT_MODEL, QUANTIZE_MODES, check_placement
+from .common import (DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MAX_LENGTH, DEFAULT_MODEL, QUANTIZE_MODES,
+                     check_int_bounds, check_placement)
 
 
 @dataclass
@@ -21,7 +22,7 @@ class EvalOptions:
     output: str | None = None
     """Write the results here as JSON (refused if it exists)."""
     overwrite: bool = False
-    """Allow replacing --output."""
+    """Allow replacing the --output of an earlier eval (never a file it did not write)."""
     batch_size: int = 8
     """Examples per forward pass."""
     max_length: int = DEFAULT_MAX_LENGTH
@@ -42,6 +43,7 @@ class EvalOptions:
     def __post_init__(self) -> None:
         check_ranges(self, {"batch_size": ">=1", "max_length": ">=1", "max_new_tokens": "?>=1",
                             "limit": "?>=1"})
+        check_int_bounds(self)
         check_placement(self.device, self.dtype, self.quantize)
 
 
@@ -70,4 +72,5 @@ class GenerateOptions:
 
     def __post_init__(self) -> None:
         check_ranges(self, {"max_new_tokens": ">=1", "temperature": ">0"})
+        check_int_bounds(self)
         check_placement(self.device, self.dtype, self.quantize)

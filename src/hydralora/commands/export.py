@@ -12,6 +12,7 @@ from .common import (
     DEFAULT_MODEL,
     EXPORT_FORMATS,
     QUANTIZE_MODES,
+    check_int_bounds,
     check_placement,
 )
 
@@ -34,7 +35,7 @@ class ExportOptions:
     data: list[str] | None = None
     """Calibration / held-out file(s)."""
     overwrite: bool = False
-    """Allow replacing a non-empty --output."""
+    """Allow replacing an earlier export in --output (never files it did not write)."""
     max_length: int = DEFAULT_MAX_LENGTH
     """Tokens per calibration example."""
     device: str = DEFAULT_DEVICE
@@ -46,6 +47,7 @@ class ExportOptions:
 
     def __post_init__(self) -> None:
         check_ranges(self, {"max_length": ">=1"})
+        check_int_bounds(self)
         check_placement(self.device, self.dtype, self.quantize)
 
 
@@ -58,4 +60,5 @@ class RouteOptions:
     prompt: list[str] = field(default_factory=list, metadata={"required": True})
     """One or more prompts."""
     json: bool = False
-    """Print JSON: [{"prompt": ..., "adapter": ..., "path": ...}]."""
+    """Print JSON: [{"prompt", "adapter", "path", "lora_module", "max_lora_rank"}] (vLLM's
+    --lora-modules NAME=PATH and --max-lora-rank for that adapter)."""

@@ -32,6 +32,11 @@ class PushOptions:
     """Branch to push to (default: main)."""
     commit_message: str = "Upload HydraLoRA adapter"
     """Commit message."""
+    include: list[str] = field(default_factory=list, metadata={"metavar": "PATH"})
+    """Also send these files (paths inside the folder), which push otherwise keeps home: files
+    hydralora did not write, dot-files, files named like credentials."""
+    dry_run: bool = False
+    """List what would be uploaded, and upload nothing."""
 
     def __post_init__(self) -> None:
         if self.repo and not looks_like_hub_id(self.repo.split("@")[0]):

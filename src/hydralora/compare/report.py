@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import fields
 import statistics
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ from ..data.builtin import resolve_builtin
 from ..data.conflict import CONFLICT, resolve_conflict
 from ..errors import ConfigError, DataError
 from ..files import write_json, write_text
-from ..options import normalize_targets
+from ..options import normalize_targets, option_label
+from ..train.config import TrainConfig
 from .runs import Runs, describe_machine, machine_info
 
 LABELS = {"base": "base model (no training)", "lora": "LoRA, HydraLoRA's parameter count",
@@ -231,7 +233,9 @@ def run_compare(opts: CompareOptions) -> dict[str, Any]:
     given = opts.train_values  # the training flags, as train's own parser read them
     owned = sorted(set(OWNED_FLAGS) & set(given))
     if owned:
-        raise ConfigError(f"compare sets {', '.join('--' + o.replace('_', '-') for o in owned)} itself "
+        names = [option_label(TrainConfig if o in {f.name for f in fields(TrainConfig)} else HydraLoraConfig, o)
+                 for o in owned]
+        raise ConfigError(f"compare sets {', '.join(names)} itself "
                           "for every run; give the compare flags (--r, --num-heads, --alpha, --lr-grid, "
                           "--seeds, --model, --data, --eval-data) instead")
     out = Path(opts.output)

@@ -99,6 +99,11 @@ def _same_value(recorded: object, expected: bool | list[str]) -> bool | None:
 def config_mismatches(config: dict, flags: dict[str, list[str]]) -> list[str]:
     """Flags whose value the run's train_config.yaml contradicts. Lenient: a flag with no field
     there, 'auto' (resolved during training) or a value of another shape is not compared."""
+    from ..config import HydraLoraConfig
+    from ..options import field_aliases
+    from ..train.config import TrainConfig
+
+    aliases = field_aliases(TrainConfig, HydraLoraConfig)  # --lr is learning_rate in the file
     problems = []
     for flag, values in flags.items():
         field = flag[2:].replace("-", "_")
@@ -106,6 +111,7 @@ def config_mismatches(config: dict, flags: dict[str, list[str]]) -> list[str]:
         if not values:  # a BooleanOptionalAction: --x is True, --no-x is False
             negated = field.startswith("no_") and field[3:] in config
             field, expected = (field[3:], False) if negated else (field, True)
+        field = aliases.get(field, field)
         if field not in config or values == ["auto"]:
             continue
         if _same_value(config[field], expected) is False:

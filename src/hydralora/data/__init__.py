@@ -1,4 +1,5 @@
-"""Data: files -> examples (`records`), examples -> tokens with response-only labels
+"""Data: --data entries -> records (`sources`: files, globs, saved datasets, hub ids), records ->
+examples (`records`: the shapes), examples -> tokens with response-only labels and packed rows
 (`tokenize`), and the built-in offline mixture (`builtin`)."""
 
 from ..errors import DataError

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..errors import MixtureError
 from ..files import atomic_write
+from ..folders import owned_folder
 from ..commands.common import BUILTIN, TEST_PER_DOMAIN, TRAIN_PER_DOMAIN
 from ..commands.demo import BuiltinDataOptions
 from .records import load_examples
@@ -166,35 +167,36 @@ def builtin_mixture(
     return train, test
 
 
-def resolve_builtin(paths: list[str], directory: str | Path, split: str, **kwargs: Any) -> list[str]:
+def resolve_builtin(paths: list[str], directory: str | Path, split: str, overwrite: bool = True,
+                    **kwargs: Any) -> list[str]:
     """Replace the word 'builtin' in a list of data files by the built-in mixture's `split`
     ('train' or 'test') file, written into `directory` (each command passes its output's
-    data folder). The only place where the word is resolved."""
+    data folder; files of ours there are replaced, never others). The only place where the word
+    is resolved."""
     if BUILTIN not in paths:
         return list(paths)
-    train_file, test_file = write_builtin(directory, **kwargs)
+    train_file, test_file = write_builtin(directory, overwrite=overwrite, **kwargs)
     chosen = str(train_file if split == "train" else test_file)
     return [chosen if p == BUILTIN else p for p in paths]
 
 
-def write_builtin(output_dir: str | Path, **kwargs: Any) -> tuple[Path, Path]:
-    """Write train.jsonl and test.jsonl of the built-in mixture; returns their paths."""
-    train, test = builtin_mixture(**kwargs)
+def write_builtin(output_dir: str | Path, overwrite: bool = False, **kwargs: Any) -> tuple[Path, Path]:
+    """Write train.jsonl and test.jsonl of the built-in mixture; returns their paths. Files of
+    that name the tool did not write are never replaced; its own only with `overwrite`."""
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, records in (("train", train), ("test", test)):
-        path = out / f"{name}.jsonl"
-        with atomic_write(path) as tmp:
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
-                           encoding="utf-8")
-        paths.append(path)
-    return paths[0], paths[1]
+    names = ["train.jsonl", "test.jsonl"]
+    with owned_folder(out, names, overwrite):
+        train, test = builtin_mixture(**kwargs)
+        for name, records in zip(names, (train, test)):
+            with atomic_write(out / name) as tmp:
+                tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                               encoding="utf-8")
+    return out / names[0], out / names[1]
 
 
 def run_builtin_data(opts: BuiltinDataOptions) -> tuple[Path, Path]:
     """Write the two files and print what each holds."""
-    paths = write_builtin(opts.output, train_per_domain=opts.train_per_domain,
+    paths = write_builtin(opts.output, overwrite=opts.overwrite, train_per_domain=opts.train_per_domain,
                           test_per_domain=opts.test_per_domain, seed=opts.seed)
     for path in paths:
         counts = Counter(e.domain for e in load_examples([path]))

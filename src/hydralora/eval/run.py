@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..commands.evaluate import EvalOptions, GenerateOptions
-from ..data import Example, load_examples, tokenize_examples
+from ..data import Example, bos_ids, load_examples, render_prompt, tokenize_examples
 from ..data.builtin import BUILTIN, resolve_builtin
 from ..errors import ConfigError
-from ..files import write_text
+from ..files import atomic_write, check_writable, record_written
+from ..folders import claim
 from ..methods import load_model_with_adapter
 from ..methods.hydralora import oracle_labeler
 from ..routing.labels import attach_route_labels
@@ -31,24 +31,64 @@ def limit_per_domain(examples: list[Example], limit: int) -> list[Example]:
     return kept
 
 
+def context_length(model, tokenizer) -> int | None:
+    """How many tokens the model reads at most (prompt and answer), where its config says."""
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and 0 < value < 10**7 else None
+
+
+def check_new_tokens(model, tokenizer, max_new_tokens: int | None, prompts: list[list[dict]]) -> None:
+    """--max-new-tokens must leave room for the longest prompt in the model's context: past it
+    generation runs on for nothing (or fails late)."""
+    limit = context_length(model, tokenizer)
+    if not max_new_tokens or limit is None:
+        return
+    bos = tokenizer.decode(bos_ids(tokenizer))
+    longest = max((len(tokenizer(bos + render_prompt(c, tokenizer), add_special_tokens=False)["input_ids"])
+                   for c in prompts), default=0)
+    if longest + max_new_tokens > limit:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens}: the model reads at most {limit} tokens and "
+                          f"the longest prompt takes {longest}; give at most {max(limit - longest, 0)}")
+
+
+def check_output_file(opts: EvalOptions) -> None:
+    """Before any slow work: --output is a file name in a folder we may write into, not a file
+    the tool did not write (with or without --overwrite), not an earlier result without it."""
+    out = Path(opts.output)
+    if out.is_dir() and not out.is_symlink():
+        raise ConfigError(f"--output {opts.output} is a folder; give a file name for the JSON results")
+    if out.is_symlink():
+        raise ConfigError(f"--output {opts.output} is a symbolic link; give the file itself")
+    claim(out.parent, [out.name], opts.overwrite, link_ok=True)
+    if BUILTIN in opts.data:
+        claim(out.parent, [f"{out.stem}-data"], True, link_ok=True)
+    check_writable(out.parent)
+
+
 def run_eval(opts: EvalOptions, name: str | None = None) -> dict[str, Any]:
     """Evaluate a base model or an adapter on held-out files; print a table, optionally save JSON."""
-    if opts.output and Path(opts.output).is_dir():
-        raise ConfigError(f"--output {opts.output} is a folder; give a file name for the JSON results")
-    if opts.output and Path(opts.output).exists() and not opts.overwrite:
-        raise ConfigError(f"{opts.output} exists; choose another --output or pass --overwrite")
+    if opts.output:
+        check_output_file(opts)
     data = opts.data
     if BUILTIN in data:
         if not opts.output:
             raise ConfigError("--data builtin needs --output: the test split is written beside it")
         out = Path(opts.output)
         data = resolve_builtin(data, out.parent / f"{out.stem}-data", "test")
+        record_written(out.parent, add=[f"{out.stem}-data"])
     examples = load_examples(data)
     if opts.limit:
         examples = limit_per_domain(examples, opts.limit)
     model, tokenizer, router = load_model_with_adapter(opts.model, opts.adapter, dtype=opts.dtype,
                                                        with_router=True, device=opts.device,
                                                        quantize=opts.quantize)
+    if opts.generate:
+        check_new_tokens(model, tokenizer, opts.max_new_tokens, [e.prompt_messages for e in examples])
     features, _ = tokenize_examples(examples, tokenizer, opts.max_length, skip_overlong=True)
     oracle = oracle_labeler(model, Path(opts.adapter)) if opts.adapter else None
     if oracle is not None:  # a diagnostic adapter: the gates come from each example's label
@@ -72,7 +112,9 @@ def run_eval(opts: EvalOptions, name: str | None = None) -> dict[str, Any]:
     if opts.output:
         path = Path(opts.output)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_text(path, json.dumps(result, indent=2))
+        with atomic_write(path, exclusive=not opts.overwrite) as tmp:  # another eval's result: kept
+            tmp.write_text(json.dumps(result, indent=2))
+        record_written(path.parent, add=[path.name])
     return result
 
 
@@ -82,6 +124,7 @@ def run_generate(opts: GenerateOptions) -> list[str]:
                                                        with_router=True, device=opts.device,
                                                        quantize=opts.quantize)
     conversations = [[{"role": "user", "content": p}] for p in opts.prompt]
+    check_new_tokens(model, tokenizer, opts.max_new_tokens, conversations)
     names = router.route(opts.prompt) if router else None
     answers = generate(model, tokenizer, conversations, max_new_tokens=opts.max_new_tokens,
                        do_sample=opts.sample, temperature=opts.temperature, adapter_names=names)

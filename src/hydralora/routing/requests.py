@@ -23,10 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from ..cards import vllm_max_lora_rank
 from ..clustering.kmeans import ClusterModel, tfidf_features
 from ..commands.export import RouteOptions
-from ..errors import ConfigError
-from ..files import SPLIT_FILE, safe_name
+from ..errors import ClusterModelError, ConfigError
+from ..files import CONFIG_NAME, SPLIT_FILE, is_safe_name, read_json_object, safe_name
 
 
 def domain_router(instructions: list[str], domains: list[str], names: list[str]) -> ClusterModel:
@@ -78,13 +79,25 @@ class SplitRouter:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SplitRouter:
-        names = None
-        if (Path(path) / SPLIT_FILE).exists():
-            try:
-                names = json.loads((Path(path) / SPLIT_FILE).read_text()).get("adapters")
-            except (OSError, json.JSONDecodeError, AttributeError):
-                names = None
-        return cls(ClusterModel.load(path), names)
+        """The router of a folder; its adapter names must be folders inside it (an edited
+        lora_split.json cannot send a prompt to `../elsewhere`), its centroids finite."""
+        path, names = Path(path), None
+        if (path / SPLIT_FILE).exists():
+            names = read_json_object(path / SPLIT_FILE).get("adapters")
+            if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
+                raise ConfigError(f"{path / SPLIT_FILE}: 'adapters' must be a list of folder names")
+            bad = [n for n in names or [] if not is_safe_name(n) or n.startswith(".") or (path / n).is_symlink()]
+            if bad:
+                raise ConfigError(f"{path / SPLIT_FILE}: adapter {bad[0]!r} is not the name of a folder "
+                                  f"inside {path}; restore the file (export again)")
+        model = ClusterModel.load(path)
+        if not (np.isfinite(model.centroids).all() and np.isfinite(model.vectorizer.idf_).all()):
+            raise ClusterModelError(f"{path}: the cluster model holds NaN or infinite values; it is "
+                                    "broken: export (or train) again")
+        if names is not None and len(names) != model.k:
+            raise ConfigError(f"{path / SPLIT_FILE}: {len(names)} adapters for the {model.k} clusters of "
+                              "the cluster model; restore the file (export again)")
+        return cls(model, names)
 
 
 # ---------------------------------------------------------------------------- the route command
@@ -97,11 +110,25 @@ def route_prompts(folder: str | Path, prompts: list[str]) -> list[str]:
     return SplitRouter.load(folder).route(prompts)
 
 
+def adapter_rank(folder: Path) -> int:
+    """The LoRA rank of an adapter folder (k*r for a `--no-shared-a` export), 0 if unreadable."""
+    try:
+        return int(read_json_object(folder / CONFIG_NAME).get("r") or 0)
+    except (OSError, ValueError, TypeError):
+        return 0
+
+
 def run_route(opts: RouteOptions) -> list[str]:
     names = route_prompts(opts.adapter, opts.prompt)
     if opts.json:
-        print(json.dumps([{"prompt": p, "adapter": n, "path": str(Path(opts.adapter) / n)}
-                          for p, n in zip(opts.prompt, names)], indent=2))
+        folder = Path(opts.adapter).resolve()
+        rows = []
+        for p, n in zip(opts.prompt, names):
+            path = folder / n
+            rank = adapter_rank(path)
+            rows.append({"prompt": p, "adapter": n, "path": str(path), "lora_module": f"{n}={path}",
+                         "max_lora_rank": vllm_max_lora_rank(rank) if rank else None})
+        print(json.dumps(rows, indent=2))
     else:
         for p, n in zip(opts.prompt, names):
             print(f"{n}\t{p}")

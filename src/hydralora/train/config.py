@@ -21,46 +21,48 @@ from ..commands.common import (
     SPLIT_MODES,
     TEST_PER_DOMAIN,
     TRAIN_PER_DOMAIN,
+    check_int_bounds,
     check_placement,
 )
 from ..config import DEFAULT_PRESET, PRESETS, get_preset
 from ..errors import ConfigError, TrainingError, short
-from ..options import check_ranges
+from ..options import check_ranges, option_label
 
 
 @dataclass
 class TrainConfig:
     """Everything about a run except the adapter's own settings (see HydraLoraConfig)."""
 
-    model: str = DEFAULT_MODEL
+    model: str = field(default=DEFAULT_MODEL, metadata={"aliases": ("model_name_or_path",)})
     """Base model: hub id, local directory, .gguf file, or built-in name (smollm2-135m)."""
     preset: str = field(default=DEFAULT_PRESET, metadata={"choices": tuple(PRESETS)})
     """A named recipe for the adapter and training values not given: recommended (random heads,
     router lr x10) or paper (the authors' recipe: alpha 32, router lr x1, max length 1024)."""
     data: list[str] = field(default_factory=list)
-    """Training files (.jsonl, .json, .csv, .parquet); 'builtin' = the built-in mixture's train split."""
+    """Training data: files (.jsonl, .json, .csv, .parquet, .arrow), globs, save_to_disk folders or hub
+    dataset ids (NAME:SPLIT picks a split); 'builtin' = the built-in mixture's train split."""
     eval_data: list[str] = field(default_factory=list)
-    """Held-out files for per-domain loss before and after training; 'builtin' = its test split."""
+    """Held-out data (as --data) for per-domain loss before and after training; 'builtin' = its test split."""
     eval_base: bool = True
     """With --eval-data, also measure the base model's held-out loss before training."""
-    output: str = ""
+    output: str = field(default="", metadata={"aliases": ("output_dir",)})
     """Output directory: the final adapter, train_config.yaml, summary.json, checkpoints/."""
     method: str = "hydralora"
     """hydralora; lora (PEFT LoRA, same data/schedule/targets); lora-split (k PEFT LoRAs, one per k-means cluster)."""
     max_steps: int = -1
-    """Optimizer steps to run; -1 means use --epochs."""
-    epochs: float = 1.0
+    """Optimizer steps to run; -1 means use --num-train-epochs."""
+    num_train_epochs: float = field(default=1.0, metadata={"aliases": ("epochs",)})
     """Passes over the training data when --max-steps is -1 (the paper: 1)."""
-    lr: float = 2e-4
+    learning_rate: float = field(default=2e-4, metadata={"aliases": ("lr",)})
     """Peak learning rate (the paper: 2e-4)."""
-    lr_scheduler: str = "cosine"
+    lr_scheduler_type: str = field(default="cosine", metadata={"aliases": ("lr_scheduler",)})
     """Learning-rate schedule after warmup: cosine, linear, constant, ..."""
     warmup_ratio: float = 0.03
     """Share of the steps spent warming the learning rate up from 0 (the paper: 0.03)."""
     weight_decay: float = 0.0
     """AdamW weight decay (the paper: 0)."""
     router_lr_multiplier: float | None = None
-    """The routers learn at lr times this; default: the preset's (recommended 10: the best
+    """The routers learn at the learning rate times this; default: the preset's (recommended 10: the best
     setting of the head-diversity study in docs/results.md; paper 1)."""
     route_labels_from: str = "cluster"
     """Labels of the oracle routing and the guide loss: 'cluster' (k-means of the instructions,
@@ -70,13 +72,18 @@ class TrainConfig:
     head of its label (see route_labels_from); 0 = off. Inference still routes on the input."""
     guide_schedule: str = "constant"
     """Weight of the guide loss over training: constant, or decay (linearly to 0)."""
-    batch_size: int = 8
+    per_device_train_batch_size: int = field(default=8, metadata={"aliases": ("batch_size",)})
     """Examples per step per process."""
-    grad_accum: int = 1
-    """Gradient accumulation steps (effective batch = batch_size * grad_accum * processes)."""
-    max_length: int | None = None
+    gradient_accumulation_steps: int = field(default=1, metadata={"aliases": ("grad_accum",)})
+    """Gradient accumulation steps (effective batch = per-device batch size * these steps *
+    processes)."""
+    max_length: int | None = field(default=None, metadata={"aliases": ("max_seq_length", "cutoff_len")})
     """Tokens per example; longer examples are truncated (and counted). Default: the preset's
     (recommended 512, paper 1024)."""
+    packing: bool = False
+    """Pack whole examples into rows of up to --max-length tokens (attention stays within each
+    example): less padding, the same loss per example. Not with sequence or oracle routing or
+    the guide loss, which need one example per row."""
     skip_overlong: bool = False
     """Drop examples whose response is truncated away entirely instead of stopping."""
     seed: int = 0
@@ -145,34 +152,42 @@ class TrainConfig:
             raise TrainingError("--guide-loss-weight must be >= 0")
         if not self.router_lr_multiplier > 0:
             raise TrainingError("--router-lr-multiplier must be > 0 (a negative one makes the router ascend the loss)")
-        for name in ("batch_size", "grad_accum", "max_length", "logging_steps"):
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps"):
             if getattr(self, name) < 1:
-                raise TrainingError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.max_steps == 0 or (self.max_steps < 0 and self.epochs <= 0):
-            raise TrainingError("give --max-steps > 0 or --epochs > 0")
-        if not self.lr > 0:
-            raise TrainingError("--lr must be > 0")
+                raise TrainingError(f"{option_label(TrainConfig, name)} must be >= 1")
+        if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
+            raise TrainingError("give --max-steps > 0 or --num-train-epochs (--epochs) > 0")
+        if not self.learning_rate > 0:
+            raise TrainingError("--learning-rate (--lr) must be > 0")
         if not 0 <= self.warmup_ratio < 1:
             raise TrainingError("--warmup-ratio must be in [0, 1)")
         if self.split_ranks not in SPLIT_MODES:
             raise TrainingError("--split-ranks must be budget or each")
+        if self.packing and (self.guide_loss_weight > 0 or self.adapter.get("routing") in ("sequence", "oracle")):
+            raise TrainingError("--packing puts several examples in one row: not with sequence or oracle "
+                                "routing or --guide-loss-weight, which need one example per row")
         if self.method == "lora-split" and self.resume:
             raise TrainingError("--resume is not supported for --method lora-split; start again")
         if self.bf16 not in ("auto", "true", "false"):
             raise TrainingError("--bf16 must be auto, true or false")
         if isinstance(self.max_steps, int) and self.max_steps < -1:
-            raise ConfigError("--max-steps must be -1 (train for --epochs) or >= 1")
-        check_ranges(self, {**({"max_steps": ">=0"} if self.max_steps != -1 else {}), "epochs": ">=0.0",
-                            "lr": ">0", "weight_decay": ">=0.0", "router_lr_multiplier": ">0",
+            raise ConfigError("--max-steps must be -1 (train for --num-train-epochs) or >= 1")
+        check_ranges(self, {**({"max_steps": ">=0"} if self.max_steps != -1 else {}), "num_train_epochs": ">=0.0",
+                            "learning_rate": ">0", "weight_decay": ">=0.0", "router_lr_multiplier": ">0",
                             "seed": ">=0", "save_steps": ">=0", "save_total_limit": ">=1",
                             "k_max": ">=1", "builtin_train_per_domain": ">=1",
                             "builtin_test_per_domain": ">=1"})
+        check_int_bounds(self, {"seed": 2**32 - 1})  # numpy's seeds; any other integer: 2**63 - 1
         from transformers.trainer_utils import SchedulerType
 
         schedulers = [s.value for s in SchedulerType]
-        if self.lr_scheduler not in schedulers:
-            raise ConfigError(f"--lr-scheduler {short(self.lr_scheduler)}: choose one of {', '.join(schedulers)}")
+        if self.lr_scheduler_type not in schedulers:
+            raise ConfigError(f"--lr-scheduler-type (--lr-scheduler) {short(self.lr_scheduler_type)}: "
+                              f"choose one of {', '.join(schedulers)}")
         check_trainer_args(self.trainer_args)
+        from .arguments import normalize_trainer_args
+
+        normalize_trainer_args(self.trainer_args)  # what this machine has: backends, config files
         if self.device.startswith("cuda:"):
             raise ConfigError(f"--device {self.device}: train places each process on its GPU itself; "
                               "choose the GPU with CUDA_VISIBLE_DEVICES and pass --device cuda")
@@ -184,18 +199,36 @@ class TrainConfig:
         return {**{k: v for k, v in values.items() if k != "adapter"}, **self.adapter}
 
 
+# Options only HydraLoRA uses (the adapter's and train's): given with another --method they do nothing.
+HYDRALORA_ONLY = ("router", "top_k", "shared_a", "router_input", "balance_loss_weight", "router_temperature",
+                  "init_heads", "router_init", "head_dropout", "routing", "route_labels",
+                  "router_lr_multiplier", "guide_loss_weight", "guide_schedule", "route_labels_from")
+UNUSED_BY_METHOD = {"lora": (*HYDRALORA_ONLY, "num_heads", "k_max", "split_ranks"),
+                    "lora-split": HYDRALORA_ONLY, "hydralora": ("split_ranks",)}
+
+
+def unused_options_note(method: str, given: set[str]) -> str | None:
+    """One line naming the options given (flags or YAML) that `method` does not use, or None."""
+    unused = [n for n in UNUSED_BY_METHOD.get(method, ()) if n in given]
+    if not unused:
+        return None
+    owner = "lora-split only" if unused == ["split_ranks"] else "HydraLoRA only"
+    flags = ", ".join("--" + n.replace("_", "-") for n in unused)
+    return f"--method {method} does not use {flags} ({owner}): ignored"
+
+
 # TrainingArguments fields that train sets from its own options: the option to use instead
 # (None: fixed, the data pipeline depends on it).
 OWNED_TRAINER_ARGS: dict[str, str | None] = {
     "output_dir": "--output (checkpoints go to OUTPUT/checkpoints)",
-    "per_device_train_batch_size": "--batch-size",
-    "gradient_accumulation_steps": "--grad-accum",
-    "learning_rate": "--lr",
-    "lr_scheduler_type": "--lr-scheduler",
+    "per_device_train_batch_size": "--per-device-train-batch-size",
+    "gradient_accumulation_steps": "--gradient-accumulation-steps",
+    "learning_rate": "--learning-rate",
+    "lr_scheduler_type": "--lr-scheduler-type",
     "warmup_steps": "--warmup-ratio",
     "weight_decay": "--weight-decay",
     "max_steps": "--max-steps",
-    "num_train_epochs": "--epochs",
+    "num_train_epochs": "--num-train-epochs",
     "logging_steps": "--logging-steps",
     "save_steps": "--save-steps",
     "save_total_limit": "--save-total-limit",
@@ -220,8 +253,10 @@ def check_trainer_args(values: dict[str, Any]) -> None:
     for key in values:
         if key in OWNED_TRAINER_ARGS:
             instead = OWNED_TRAINER_ARGS[key]
+            own = key in {f.name for f in dataclasses.fields(TrainConfig)}
+            where = " (in a YAML config: a top-level key, not under trainer:)" if own else ""
             raise ConfigError(
-                f"trainer argument {key!r} is set by hydralora train: use {instead}" if instead else
+                f"trainer argument {key!r} is set by hydralora train: use {instead}{where}" if instead else
                 f"trainer argument {key!r} is fixed by hydralora train (its data collator needs it)"
             )
         if key not in known:
@@ -230,3 +265,6 @@ def check_trainer_args(values: dict[str, Any]) -> None:
             raise ConfigError(
                 f"unknown trainer argument {key!r}: not a field of transformers.TrainingArguments{hint}"
             )
+    from .arguments import normalize_trainer_args
+
+    normalize_trainer_args(values, backends=False)  # types and ranges (train/arguments.py)

@@ -29,13 +29,42 @@ from ..routing.stats import diversity_report
 __all__ = ["HydraLoraTrainerMixin", "router_parameter_groups"]
 
 
+def skip_unused_deepspeed() -> None:
+    """accelerate's `unwrap_model` (the Trainer calls it from its __init__ on) imports deepspeed
+    whenever it is installed, only to test `isinstance(model, DeepSpeedEngine)`, and that import
+    logs "Setting accelerator to CPU ..." (and costs a second) in every run. A DeepSpeedEngine
+    can exist only once deepspeed is imported, and a DeepSpeed run imports it while setting up:
+    so for that test, deepspeed counts as available only when already imported. Exact, and
+    idempotent; accelerate's other uses are untouched."""
+    import sys
+
+    from accelerate.utils import other
+
+    probe = other.is_deepspeed_available
+    if not getattr(probe, "hydralora_lazy", False):
+        def lazy() -> bool:
+            return "deepspeed" in sys.modules and probe()
+
+        lazy.hydralora_lazy = True  # type: ignore[attr-defined]
+        other.is_deepspeed_available = lazy
+
+
 def router_parameter_groups(optimizer: torch.optim.Optimizer, model: nn.Module,
                             multiplier: float) -> torch.optim.Optimizer:
     """Move the routers' parameters of `optimizer` into groups of their own that learn at
-    lr * multiplier (every other setting as the group they came from)."""
+    lr * multiplier (every other setting as the group they came from). The routers: every
+    HydraLoRA layer's (found by module, so any wrapper's naming works: ours, PEFT's
+    `base_model.model.…router`, FSDP's), and any parameter named `*.router` or PEFT-style
+    `*.router.<adapter>` inside a PEFT tuner layer."""
     if multiplier == 1.0:
         return optimizer
-    routers = {id(p) for n, p in model.named_parameters() if n.endswith(".router")}
+    routers = {id(layer.router) for layer in hydralora_layers(model).values() if layer.router is not None}
+    tuner_layers = {name for name, m in model.named_modules() if hasattr(m, "active_adapters")
+                    and hasattr(m, "base_layer")}
+    for name, p in model.named_parameters():
+        owner, _, last = name.rpartition(".")
+        if last == "router" or (owner.endswith(".router") and owner.rpartition(".")[0] in tuner_layers):
+            routers.add(id(p))
     for group in list(optimizer.param_groups):
         moved = [p for p in group["params"] if id(p) in routers]
         if not moved:
@@ -54,6 +83,7 @@ class HydraLoraTrainerMixin:
 
     def __init__(self, *args: Any, router_lr_multiplier: float | None = None,
                  guide_loss_weight: float = 0.0, guide_schedule: str = "constant", **kwargs: Any):
+        skip_unused_deepspeed()
         super().__init__(*args, **kwargs)
         self.router_lr_multiplier = router_lr_multiplier
         self.guide_loss_weight, self.guide_schedule = guide_loss_weight, guide_schedule

@@ -21,7 +21,7 @@ from ..data.builtin import resolve_builtin
 from ..data.conflict import resolve_conflict
 from ..dist import is_main_process, log, world_size
 from ..eval.loss import domain_losses
-from ..files import write_json, write_yaml
+from ..files import make_readable, record_written, redact, redacted_header, stamp_tree, write_json, write_yaml
 from ..hub import card_is_ours, write_model_card
 from ..methods import METHODS, count_adapter_parameters
 from ..model import find_targets, hydralora_layers
@@ -29,6 +29,8 @@ from ..routing.labels import attach_route_labels, route_label_names
 from ..routing.stats import diversity_report, gates_by_domain, router_report
 from .config import TrainConfig
 from .output import (
+    BUILTIN_DATA,
+    CARD,
     CHECKPOINTS,
     RUN_CONFIG,
     SUMMARY,
@@ -37,6 +39,7 @@ from .output import (
     prepare_output,
     remove_leftovers,
     run_folder,
+    run_names,
 )
 from .trainer import fit, peak_memory_mb
 
@@ -50,9 +53,21 @@ def resolve_data(paths: list[str], cfg: TrainConfig, split: str) -> list[str]:
     """Replace 'builtin' and 'builtin-conflict' by the built-in mixtures' files, written under
     OUTPUT/data."""
     paths = resolve_conflict(paths, Path(cfg.output) / "data" / "conflict", split)
-    return resolve_builtin(paths, Path(cfg.output) / "data", split,
+    return resolve_builtin(paths, Path(cfg.output) / "data", split, overwrite=True,  # ours only
                            train_per_domain=cfg.builtin_train_per_domain,
                            test_per_domain=cfg.builtin_test_per_domain)
+
+
+def write_run_record(path: Path, values: dict[str, Any], as_yaml: bool = False) -> None:
+    """train_config.yaml or summary.json, credentials taken out (a token given as a trainer
+    argument or inside a URL never reaches a file that `push` may upload)."""
+    clean, found = redact(values)
+    if found:
+        log(f"{path.name}: left out {', '.join(found)} (credentials are never written to files)")
+    if as_yaml:
+        write_yaml(path, clean, header=redacted_header(found))
+    else:
+        write_json(path, clean)
 
 
 def run_training(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] = ()
@@ -61,7 +76,8 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] = ()
     to every Trainer run (e.g. your own logging). OUTPUT is locked during the run."""
     cfg.validate()
     output = prepare_output(cfg)
-    with run_folder(output):
+    names = run_names(cfg, output) + ([CARD] if card_is_ours(output) else [])
+    with run_folder(output, names):
         return _run_training(cfg, callbacks)
 
 
@@ -84,6 +100,8 @@ def _run_training(cfg: TrainConfig, callbacks: Sequence[TrainerCallback]
                                   device=device if quantized else None, quantize=cfg.quantize)
     if quantized:
         model = prepare_for_kbit_training(model)
+    if Path(cfg.model).is_dir():  # the adapter's base_model_name_or_path: loadable from anywhere
+        model.config.name_or_path = str(Path(cfg.model).resolve())
     log(f"loaded {cfg.model} ({time.time() - started:.0f} s)")
     features, report = tokenize_examples(examples, tokenizer, cfg.max_length, cfg.skip_overlong)
     log(f"data: {report.line()}")
@@ -121,12 +139,12 @@ def _run_training(cfg: TrainConfig, callbacks: Sequence[TrainerCallback]
     variant = method.variant(adapter, cfg.flat())
     if is_main_process() and not cfg.resume:  # a resumed run's record changes once it worked
         output.mkdir(parents=True, exist_ok=True)
-        write_yaml(output / RUN_CONFIG, cfg.flat())
+        write_run_record(output / RUN_CONFIG, cfg.flat(), as_yaml=True)
         if cfg.overwrite:
             discard_old_checkpoints(output)
     run = train_parts(cfg, built, features, tokenizer, output, use_bf16, variant, callbacks, eval_features)
     if is_main_process() and cfg.resume:
-        write_yaml(output / RUN_CONFIG, cfg.flat())
+        write_run_record(output / RUN_CONFIG, cfg.flat(), as_yaml=True)
     model = built.model
     if built.router is not None:
         for f in eval_features:
@@ -135,6 +153,10 @@ def _run_training(cfg: TrainConfig, callbacks: Sequence[TrainerCallback]
     built.state["router_stats"] = stats
     if is_main_process():
         method.save(built, output, cfg.model)
+        for name in set(run_names(cfg, output)) - {CHECKPOINTS, BUILTIN_DATA}:
+            if (output / name).is_dir() and not (output / name).is_symlink():
+                stamp_tree(output / name, top=True)  # the method's folders (LoRA-Split's): each lists its files
+            make_readable(output / name)  # PEFT saves adapter_model.safetensors as 0600
         remove_leftovers(output, cfg.method)
     diversity = diversity_report(model, stats) if hydralora_layers(model) else {}
     if eval_features and is_main_process():
@@ -174,7 +196,7 @@ def _run_training(cfg: TrainConfig, callbacks: Sequence[TrainerCallback]
         **built.summary,
     }
     if is_main_process():
-        write_json(output / SUMMARY, summary)
+        write_run_record(output / SUMMARY, summary)
         if our_card:  # a README.md the user put there is never replaced
             write_model_card(output)
         print(format_summary(summary, output), flush=True)
@@ -217,6 +239,9 @@ def train_parts(cfg: TrainConfig, built, features: list[dict[str, Any]], tokeniz
         if part.adapter_name is not None:
             built.model.set_adapter(part.adapter_name)  # only this adapter trains
         subset = features if part.sources is None else [f for f in features if f["source"] in part.sources]
+        if part.checkpoint_subdir and is_main_process():  # a part's own checkpoints folder: ours
+            (output / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+            record_written(output / CHECKPOINTS, add=[part.checkpoint_subdir])
         steps = cfg.max_steps if cfg.max_steps < 0 or part.share == 1.0 else max(1, round(cfg.max_steps * part.share))
         result = fit(cfg, built.model, subset, tokenizer, output / CHECKPOINTS / part.checkpoint_subdir,
                      steps, use_bf16, resume=cfg.resume, label=part.label, callbacks=callbacks,

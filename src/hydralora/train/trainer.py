@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -25,8 +26,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..base_models import is_quantized, resolve_device
 from ..data import Collator, TokenizedDataset, group_by_domain
+from ..data.tokenize import PackedRows, pack_features
 from ..dist import is_main_process, log, world_size
 from ..errors import ConfigError, TrainingError, TrainingInterrupted
+from ..files import record_written, stamp_tree, storage_error
 from ..eval.loss import response_nll
 from ..model import (
     adapter_state_dict,
@@ -40,7 +43,9 @@ from ..model import (
 from ..routing.context import checkpoint_kwargs
 from .config import TrainConfig
 from .integration import HydraLoraTrainerMixin
-from .output import COMPLETE_MARKER, last_checkpoint
+from .tracking import tracking_folders
+from .arguments import normalize_trainer_args
+from .output import COMPLETE_MARKER, claim_checkpoint, last_checkpoint, rotate_checkpoints, write_failure
 from .sharding import CpuFsdpMixin, is_sharded, like_parameter, release_zero3, unshard_for_inference
 
 
@@ -50,7 +55,7 @@ class NonFiniteLossError(TrainingError):
         super().__init__(
             f"the loss became {value} at step {step}; training stopped before applying that "
             f"update. The last complete checkpoint (if any) is kept in {checkpoints}: lower "
-            "--lr, check the data, or try --bf16 false, then --resume."
+            "--learning-rate, check the data, or try --bf16 false, then --resume."
         )
 
 
@@ -68,7 +73,8 @@ class ResponseLossTrainer(Trainer):
         for models that take num_items_in_batch; in evaluation, the batch's mean."""
         if model.training:  # a device tensor: no host synchronization per step
             self.tokens_seen = inputs["attention_mask"].sum() + self.tokens_seen
-        nll, _ = response_nll(model, inputs)
+        nll, _ = response_nll(PackedRows(model, inputs["position_ids"]) if "position_ids" in inputs else model,
+                              inputs)
         if num_items_in_batch is None:  # evaluation: the batch's mean
             loss = nll.sum() / max(nll.numel(), 1)
             if model.training:
@@ -101,6 +107,8 @@ class HydraTrainer(HydraLoraTrainerMixin, CpuFsdpMixin, ResponseLossTrainer):
             if vouch:
                 del model._hf_peft_config_loaded
         self.domain_eval = domain_eval or {}  # {domain: dataset} logged beside eval_loss
+        # the Trainer's rotation deletes every checkpoint-* folder, ours or not: ours keeps to ours
+        self.checkpoint_limit, self.args.save_total_limit = self.args.save_total_limit, None
 
     def _bare(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
@@ -148,10 +156,30 @@ class HydraTrainer(HydraLoraTrainerMixin, CpuFsdpMixin, ResponseLossTrainer):
         self._load_from_checkpoint(self.state.best_model_checkpoint)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:  # written last: the checkpoint is whole
-            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
-            (folder / COMPLETE_MARKER).write_text(str(self.state.global_step))
+        """The Trainer's checkpoint, into a folder that is ours (listed before it is written),
+        marked complete last; a write that fails (disk full, ...) is one StorageError and the
+        partial checkpoint is removed; then the oldest of our checkpoints beyond the limit go."""
+        run_dir = Path(self._get_output_dir(trial))
+        name = f"checkpoint-{self.state.global_step}"
+        folder = run_dir / name
+        if self.args.should_save:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            claim_checkpoint(run_dir, name)
+        try:
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save:  # written last: the checkpoint is whole
+                (folder / COMPLETE_MARKER).write_text(str(self.state.global_step))
+        except (OSError, RuntimeError) as err:
+            failure = write_failure(err, run_dir)
+            if failure is None or not self.args.should_save:
+                raise
+            shutil.rmtree(folder, ignore_errors=True)
+            record_written(run_dir, forget=[name])
+            raise storage_error(failure, folder, "this checkpoint was removed, the earlier ones "
+                                "are kept") from None
+        if self.args.should_save:
+            stamp_tree(folder, top=True)  # lists its files; permissions others can read
+            rotate_checkpoints(run_dir, self.checkpoint_limit, self.state.best_model_checkpoint)
 
 
 class InterruptCallback(TrainerCallback):
@@ -196,15 +224,15 @@ def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, max_steps: int, u
     """The run's TrainingArguments: train's own options, then `cfg.trainer_args` over them."""
     values = dict(
         output_dir=str(checkpoint_dir),
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr,
-        lr_scheduler_type=cfg.lr_scheduler,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay,
         optim="adamw_torch",
         max_steps=max_steps,
-        num_train_epochs=cfg.epochs,
+        num_train_epochs=cfg.num_train_epochs,
         logging_steps=cfg.logging_steps,
         save_strategy="steps" if cfg.save_steps > 0 else "no",
         save_steps=max(cfg.save_steps, 1),
@@ -222,9 +250,9 @@ def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, max_steps: int, u
         label_names=["labels"],
         prediction_loss_only=True,  # evaluation: the held-out loss (compute_loss keeps no logits)
     )
-    values.update(cfg.trainer_args)
+    values.update(normalize_trainer_args(cfg.trainer_args))
     if values.get("eval_strategy", "no") != "no" and "per_device_eval_batch_size" not in cfg.trainer_args:
-        values["per_device_eval_batch_size"] = cfg.batch_size
+        values["per_device_eval_batch_size"] = cfg.per_device_train_batch_size
     try:
         return TrainingArguments(**values)
     except (ValueError, TypeError, OSError) as err:  # a value the Trainer refuses
@@ -257,6 +285,10 @@ def fit(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs())
         model.enable_input_require_grads()
     device = resolve_device(cfg.device)
+    if cfg.packing:
+        packed = pack_features(features, cfg.max_length)
+        log(f"packing: {len(features)} examples in {len(packed)} rows of at most {cfg.max_length} tokens")
+        features = packed
     interrupt = InterruptCallback()
     args = training_arguments(cfg, checkpoint_dir, max_steps, use_bf16, device)
     if args.eval_strategy != "no" and not eval_features:
@@ -275,6 +307,7 @@ def fit(
         guide_loss_weight=cfg.guide_loss_weight,
         guide_schedule=cfg.guide_schedule,
     )
+    tracking_folders(trainer, Path(cfg.output))
     resume_from = None
     if resume:
         resume_from = str(last_checkpoint(checkpoint_dir.parent))

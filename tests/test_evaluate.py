@@ -111,9 +111,14 @@ def test_eval_real_generation_with_adapters(tiny_model_dir, tmp_path, tiny_data)
         assert main(["eval", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / method),
                      "--data", str(path), "--output", str(out), "--max-new-tokens", "4"]) == 0
         result = json.loads(out.read_text())
-        assert set(result["tasks"]) == {"code", "headline", "math", "topic", "mean"}
+        # the tiny model reads 256 tokens: prompts without room for the answer are left out of
+        # generation (and counted), the rest are scored
+        scored = sum(r["examples"] for d, r in result["tasks"].items() if d != "mean")
+        assert scored + result["prompts_without_room"] == 8
+        assert 0 < scored
+        assert set(result["tasks"]) <= {"code", "headline", "math", "topic", "mean"}
         assert all(0.0 <= r["score"] <= 1.0 for r in result["tasks"].values())
-        assert len(result["outputs"]) == 8
+        assert len(result["outputs"]) == scored
 
 
 def test_response_nll_same_with_or_without_boolean_logits_mask(tiny_llama, monkeypatch):
@@ -142,3 +147,30 @@ def test_response_nll_same_with_or_without_boolean_logits_mask(tiny_llama, monke
             nll, rows = loss.response_nll(tiny_llama, batch)
             assert torch.allclose(nll, want, atol=1e-5), boolean
             assert rows.tolist() == keep.nonzero()[:, 0].tolist()
+
+
+def test_max_new_tokens_beyond_the_context_is_one_error_line(tiny_model_dir, tmp_path, capsys):
+    path = builtin_eval_file(tmp_path)
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(path), "--output",
+                 str(tmp_path / "e.json"), "--max-new-tokens", "256"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert err == ["error: --max-new-tokens 256: the model reads at most 256 tokens (prompt and answer); "
+                   "give fewer"]
+    assert not (tmp_path / "e.json").exists()
+    assert main(["generate", "--model", str(tiny_model_dir), "--max-new-tokens", "8",
+                 "--prompt", "x" * 400]) == 2
+    assert "shorten the prompt" in capsys.readouterr().err
+
+
+def test_prompts_without_room_are_left_out_of_generation_and_counted(tiny_llama):
+    from hydralora.data import Example
+    from hydralora.eval.run import fitting_for_generation
+    from conftest import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    short = Example(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}])
+    long = Example(messages=[{"role": "user", "content": "word " * 300},
+                             {"role": "assistant", "content": "a"}])
+    kept, dropped = fitting_for_generation(tiny_llama, tok, 16, [short, long, short])
+    assert kept == [short, short] and dropped == 1
+    assert fitting_for_generation(tiny_llama, tok, None, [long]) == ([long], 0)

@@ -42,18 +42,47 @@ def context_length(model, tokenizer) -> int | None:
     return value if isinstance(value, int) and 0 < value < 10**7 else None
 
 
-def check_new_tokens(model, tokenizer, max_new_tokens: int | None, prompts: list[list[dict]]) -> None:
-    """--max-new-tokens must leave room for the longest prompt in the model's context: past it
-    generation runs on for nothing (or fails late)."""
+def prompt_lengths(tokenizer, prompts: list[list[dict]]) -> list[int]:
+    """Tokens each prompt takes as generation sees it (chat template and BOS included)."""
+    bos = tokenizer.decode(bos_ids(tokenizer))
+    return [len(tokenizer(bos + render_prompt(c, tokenizer), add_special_tokens=False)["input_ids"])
+            for c in prompts]
+
+
+def room_for_answers(model, tokenizer, max_new_tokens: int | None, prompts: list[list[dict]]) -> list[bool]:
+    """Per prompt: does it leave --max-new-tokens in the model's context? Past the context
+    generation runs on for nothing (or fails late, with absolute positions). Every prompt fits
+    when the model states no context or no --max-new-tokens is given."""
     limit = context_length(model, tokenizer)
     if not max_new_tokens or limit is None:
-        return
-    bos = tokenizer.decode(bos_ids(tokenizer))
-    longest = max((len(tokenizer(bos + render_prompt(c, tokenizer), add_special_tokens=False)["input_ids"])
-                   for c in prompts), default=0)
-    if longest + max_new_tokens > limit:
+        return [True] * len(prompts)
+    if max_new_tokens >= limit:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens}: the model reads at most {limit} tokens "
+                          "(prompt and answer); give fewer")
+    return [n + max_new_tokens <= limit for n in prompt_lengths(tokenizer, prompts)]
+
+
+def check_new_tokens(model, tokenizer, max_new_tokens: int | None, prompts: list[list[dict]]) -> None:
+    """For prompts the user typed: each must leave room for --max-new-tokens."""
+    fits = room_for_answers(model, tokenizer, max_new_tokens, prompts)
+    if not all(fits):
+        limit = context_length(model, tokenizer)
+        longest = max(prompt_lengths(tokenizer, prompts))
         raise ConfigError(f"--max-new-tokens {max_new_tokens}: the model reads at most {limit} tokens and "
-                          f"the longest prompt takes {longest}; give at most {max(limit - longest, 0)}")
+                          f"the longest prompt takes {longest}; give at most {max(limit - longest, 0)}"
+                          + (" or a shorter prompt" if longest < limit else "; shorten the prompt"))
+
+
+def fitting_for_generation(model, tokenizer, max_new_tokens: int | None,
+                           examples: list[Example]) -> tuple[list[Example], int]:
+    """The held-out examples whose prompt leaves room for the answer, and how many did not (they
+    still count in the held-out loss where they fit --max-length). An error when none fits."""
+    fits = room_for_answers(model, tokenizer, max_new_tokens, [e.prompt_messages for e in examples])
+    kept = [e for e, ok in zip(examples, fits) if ok]
+    if examples and not kept:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens}: no prompt leaves that many tokens in the "
+                          f"model's context of {context_length(model, tokenizer)}; give fewer")
+    return kept, len(examples) - len(kept)
 
 
 def check_output_file(opts: EvalOptions) -> None:
@@ -87,8 +116,12 @@ def run_eval(opts: EvalOptions, name: str | None = None) -> dict[str, Any]:
     model, tokenizer, router = load_model_with_adapter(opts.model, opts.adapter, dtype=opts.dtype,
                                                        with_router=True, device=opts.device,
                                                        quantize=opts.quantize)
+    generated, too_long = examples, 0
     if opts.generate:
-        check_new_tokens(model, tokenizer, opts.max_new_tokens, [e.prompt_messages for e in examples])
+        generated, too_long = fitting_for_generation(model, tokenizer, opts.max_new_tokens, examples)
+        if too_long:
+            print(f"[hydralora] generation: {too_long} of {len(examples)} prompts leave no room for "
+                  f"--max-new-tokens {opts.max_new_tokens} in the model's context; scored without them")
     features, _ = tokenize_examples(examples, tokenizer, opts.max_length, skip_overlong=True)
     oracle = oracle_labeler(model, Path(opts.adapter)) if opts.adapter else None
     if oracle is not None:  # a diagnostic adapter: the gates come from each example's label
@@ -103,10 +136,11 @@ def run_eval(opts: EvalOptions, name: str | None = None) -> dict[str, Any]:
                               "loss": domain_losses(model, features, tokenizer.pad_token_id,
                                                     batch_size=opts.batch_size)}
     if opts.generate:
-        tasks = task_metrics(model, tokenizer, examples, router=router, batch_size=opts.batch_size,
+        tasks = task_metrics(model, tokenizer, generated, router=router, batch_size=opts.batch_size,
                              max_new_tokens=opts.max_new_tokens, keep_outputs=True)
         result["outputs"] = tasks.pop("_outputs")
         result["tasks"] = tasks
+        result["prompts_without_room"] = too_long
     label = name or (f"{opts.model} + {opts.adapter}" if opts.adapter else opts.model)
     print(eval_table({label: result}))
     if opts.output:

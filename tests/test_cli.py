@@ -8,7 +8,7 @@ import shutil
 import pytest
 from safetensors.torch import load_file
 
-from conftest import save_tiny_model, tiny_records, write_jsonl
+from conftest import save_tiny_model, tiny_records
 from hydralora.cli import main
 
 

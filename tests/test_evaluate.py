@@ -174,3 +174,21 @@ def test_prompts_without_room_are_left_out_of_generation_and_counted(tiny_llama)
     kept, dropped = fitting_for_generation(tiny_llama, tok, 16, [short, long, short])
     assert kept == [short, short] and dropped == 1
     assert fitting_for_generation(tiny_llama, tok, None, [long]) == ([long], 0)
+
+
+def test_eval_takes_both_builtin_words(tiny_model_dir, tmp_path):
+    out = tmp_path / "conflict.json"
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", "builtin-conflict", "--output", str(out),
+                 "--no-generate", "--limit", "2"]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["loss"]) == {"count", "reverse", "topic", "upper", "mean"}
+    assert (tmp_path / "conflict-data" / "conflict" / "test.jsonl").exists()
+
+
+def test_a_user_file_named_like_a_builtin_word_is_only_a_file(tmp_path):
+    from hydralora.train.config import TrainConfig
+    from hydralora.train.output import BUILTIN_DATA, run_names
+
+    mine = TrainConfig(data=[str(tmp_path / "builtin.jsonl")], output=str(tmp_path / "o"))
+    assert BUILTIN_DATA not in run_names(mine)
+    assert BUILTIN_DATA in run_names(TrainConfig(data=["builtin-conflict"], output=str(tmp_path / "o")))

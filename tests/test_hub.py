@@ -55,6 +55,8 @@ def test_train_writes_a_model_card_listed_as_ours(trained, tiny_model_dir):
     summary = json.loads((trained / "summary.json").read_text())
     assert str(tiny_model_dir) in card and "HydraLoRA r=4, k=2" in card
     assert "k = 2 heads, set by hand" in card
+    assert "- per_device_train_batch_size: `4`" in card and "- max_steps: `2`" in card
+    assert "- learning_rate: `" in card  # train_config.yaml's names, read back
     assert f"{summary['trainable_params']:,}" in card
     assert "headline: 8" in card and "math: 8" in card  # training data per domain
     assert "## Held-out results" in card and f"{summary['eval']['fine-tuned']['mean']['loss']:.4f}" in card
@@ -63,7 +65,7 @@ def test_train_writes_a_model_card_listed_as_ours(trained, tiny_model_dir):
 
 
 def test_a_second_run_replaces_our_card_but_never_a_users(trained, tiny_model_dir, tmp_path):
-    from hydralora.hub import write_model_card
+    from hydralora.cards import write_model_card
 
     folder = tmp_path / "copy"
     shutil.copytree(trained, folder)
@@ -134,6 +136,12 @@ def test_push_uploads_the_folder_without_checkpoints(trained, tmp_path, monkeypa
     assert not any(s.startswith(("checkpoints/", ".")) for s in sent)
     printed = capsys.readouterr().out
     assert f"uploading {len(sent)} files" in printed and "checkpoints/" in printed  # listed first
+    # owner/name@branch: the branch is the revision, the id what the Hub is given
+    assert main(["push", str(folder), "someone/repo@dev"]) == 0
+    assert calls["commit"][0] == "someone/repo" and calls["branch"] == "dev"
+    assert calls["commit"][2]["revision"] == "dev"
+    assert main(["push", str(folder), "someone/repo@dev", "--revision", "main"]) == 2
+    assert "give the branch once" in capsys.readouterr().err
 
 
 def test_push_refuses_bad_input(tmp_path, capsys):

@@ -147,6 +147,25 @@ def test_a_run_recorded_before_presets_resumes_with_the_papers_values(tmp_path):
     assert cfg.router_lr_multiplier == 1.0 and cfg.learning_rate == 1e-3 and cfg.adapter["r"] == 4
 
 
+def test_resume_of_a_checkpoint_without_a_preset_fits_the_papers_settings(tmp_path, monkeypatch):
+    """The preset is a label: a checkpoint written before presets (no `preset` key) fits a
+    resumed run with the paper's settings; a setting that changes the computation still differs."""
+    import json
+
+    import hydralora.train.output as output
+    from hydralora.errors import TrainingError
+
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    saved = HydraLoraConfig.from_preset("paper", r=4, target_modules=["q_proj"]).to_dict()
+    saved.pop("preset")
+    (checkpoint / "adapter_config.json").write_text(json.dumps(saved))
+    monkeypatch.setattr(output, "last_checkpoint", lambda folder: checkpoint)
+    output.check_resume_fits(tmp_path, HydraLoraConfig.from_preset("paper", r=4, target_modules=["q_proj"]))
+    with pytest.raises(TrainingError, match="r: checkpoint 4, this run 8"):
+        output.check_resume_fits(tmp_path, HydraLoraConfig.from_preset("paper", r=8, target_modules=["q_proj"]))
+
+
 class Boom(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         raise RuntimeError("the data loader broke")

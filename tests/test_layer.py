@@ -316,3 +316,21 @@ def test_every_head_diversity_option_starts_at_the_base_model(options):
     x = torch.randn(6, 24)
     with RoutingContext():
         assert torch.equal(layer(x), layer.base(x))
+
+
+def test_base_io_reads_linear_and_conv1d_the_same_way():
+    """(in, out) of nn.Linear and of GPT-2's Conv1D (weight stored as (in, out)): the layer, the
+    size guard and compare's parameter count all read them through base_io."""
+    from transformers.pytorch_utils import Conv1D
+
+    from hydralora.layer import base_io
+    from hydralora.model import check_adapter_size
+
+    assert base_io(nn.Linear(4, 6)) == (4, 6) == base_io(Conv1D(6, 4))
+    config = HydraLoraConfig(r=2, num_heads=3, target_modules=["c"])
+    assert HydraLoraLinear(Conv1D(6, 4), config).lora_B.shape == (6, 6)
+    with torch.device("meta"):  # in 1e6, out 1e9: A 2e6 + B 5*2*1e9 + router 5e6 (swapped: 7,010,000,000)
+        huge = Conv1D(10**9, 10**6)
+    with pytest.raises(ConfigError, match="10,007,000,000 parameters"):
+        check_adapter_size(nn.Linear(1, 1), HydraLoraConfig(r=2, num_heads=5, target_modules=["c"]),
+                           [("c", huge)])

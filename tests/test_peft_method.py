@@ -227,23 +227,21 @@ print("ok")
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
 
 
-def test_router_groups_find_routers_by_module_and_by_peft_style_names():
+def test_router_groups_find_routers_by_module_not_by_name():
     from torch import nn
 
     from hydralora.train.integration import router_parameter_groups
 
-    class TunerLayer(nn.Module):  # a PEFT tuner layer keeping its router per adapter
-        active_adapters = ["default"]
-
+    class UserBlock(nn.Module):  # a user's own parameter that happens to be named "router"
         def __init__(self):
             super().__init__()
-            self.base_layer = nn.Linear(2, 2)
-            self.router = nn.ParameterDict({"default": nn.Parameter(torch.zeros(2, 2))})
+            self.router = nn.Parameter(torch.zeros(2, 2))
 
-    model = nn.Sequential(TunerLayer(), peft_model())
+    model = nn.Sequential(UserBlock(), peft_model())
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = router_parameter_groups(torch.optim.SGD(params, lr=0.1), model, 10.0)
-    routers = {id(model[0].router["default"])} | {id(m.router) for m in model.modules()
-                                                   if isinstance(m, HydraLoraLinear)}
+    routers = {id(m.router) for m in model.modules() if isinstance(m, HydraLoraLinear)}
     fast = [g for g in optimizer.param_groups if g["lr"] == pytest.approx(1.0)]
-    assert len(fast) == 1 and {id(p) for p in fast[0]["params"]} == routers
+    assert routers and len(fast) == 1 and {id(p) for p in fast[0]["params"]} == routers
+    assert any(model[0].router is p for g in optimizer.param_groups if g["lr"] == pytest.approx(0.1)
+               for p in g["params"])

@@ -9,8 +9,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -252,13 +250,6 @@ def test_push_lists_what_it_sends_and_keeps_secrets_home(adapter, tmp_path, monk
 
         def create_commit(self, repo_id, operations, **kw):
             sent["files"] = sorted(op.path_in_repo for op in operations)
-            return "https://huggingface.co/x/y/commit/1"
-
-        def upload_folder(self, folder_path, ignore_patterns=None, allow_patterns=None, **kw):  # (before)
-            from huggingface_hub.utils import filter_repo_objects
-
-            files = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
-            sent["files"] = sorted(filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
             return "https://huggingface.co/x/y/commit/1"
 
     monkeypatch.setattr(hub, "HfApi", FakeApi)

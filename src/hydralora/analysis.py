@@ -30,8 +30,7 @@ from sklearn.decomposition import PCA
 
 from .commands.analyze import AnalyzeOptions
 from .config import HydraLoraConfig
-from .data.builtin import resolve_builtin
-from .commands.common import BUILTIN
+from .data.words import names_a_mixture, resolve_words
 from .files import CONFIG_NAME, atomic_write, write_json
 from .folders import claim, owned_folder
 from .hub import resolve_adapter
@@ -205,10 +204,10 @@ def run_analyze_command(opts: AnalyzeOptions) -> None:
     out = Path(opts.output)
     loras = opts.domain_loras()
     train_loras = loras is None and opts.per_domain_steps > 0
-    inputs = [*(["data"] if BUILTIN in opts.data else []), *(["per_domain"] if train_loras else [])]
+    inputs = [*(["data"] if names_a_mixture(opts.data) else []), *(["per_domain"] if train_loras else [])]
     claim(out, [*ANALYSIS_FILES, *([AB_FILE] if loras or train_loras else []), *inputs], opts.overwrite)
     with owned_folder(out, inputs, overwrite=True) if inputs else contextlib.nullcontext():
-        data = resolve_builtin(opts.data, out / "data", "test")
+        data = resolve_words(opts.data, out / "data", "test")
         if train_loras:
             adapter = HydraLoraConfig.from_json_file(Path(opts.adapter) / CONFIG_NAME)
             extra = {"batch_size": opts.batch_size, "lr": opts.lr, "skip_overlong": True, "max_length": 256}

@@ -113,8 +113,12 @@ def model_card(folder: str | os.PathLike) -> str:
     settings = {k: config.get(k) for k in ("r", "alpha", "num_heads", "target_modules", "router",
                                             "routing", "shared_a", "init_heads", "balance_loss_weight")
                 if k in config}
-    settings.update({k: run[k] for k in ("lr", "max_steps", "batch_size", "max_length", "seed",
-                                         "router_lr_multiplier") if k in run})
+    # train_config.yaml's names (TrainingArguments'), the short ones in files written before them
+    for names in (("learning_rate", "lr"), ("max_steps",), ("per_device_train_batch_size", "batch_size"),
+                  ("max_length",), ("seed",), ("router_lr_multiplier",)):
+        found = next((n for n in names if n in run), None)
+        if found is not None:
+            settings[names[0]] = run[found]
     lines += [f"- {k}: `{v}`" for k, v in settings.items()] or ["- (no adapter_config.json found)"]
     ks = config.get("k_selection") or summary.get("k_selection")
     k = config.get("num_heads", summary.get("num_heads"))

@@ -1,4 +1,5 @@
-"""The `hydralora` command line: train, generate, eval, export, analyze, cluster, data, info, demo.
+"""The `hydralora` command line: train, compare, generate, eval, export, analyze, cluster, route,
+data, info, push, demo.
 
 Every subcommand's flags are generated from one dataclass (`options.add_dataclass_flags`), so
 each default is written once, in that dataclass. Errors that come from the user's input

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, short
-from .files import read_json_object
+from .readers import read_json_object
 
 ROUTERS = ("softmax", "topk", "uniform")
 ROUTER_INPUTS = ("x", "a")
@@ -282,4 +282,4 @@ class HydraLoraConfig:
         return cls.from_dict(data, source=str(path))
 
 
-__all__ = ["PRESETS", "ConfigError", "HydraLoraConfig", "Preset", "get_preset", "read_json_object"]
+__all__ = ["PRESETS", "HydraLoraConfig", "Preset", "get_preset"]

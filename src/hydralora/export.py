@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +34,14 @@ from .errors import ConfigError
 from .eval.loss import domain_losses
 from .files import SPLIT_FILE, write_json, write_text
 from .folders import check_output_dir, staged_dir
-from .hub import export_card, resolve_adapter
+from .cards import export_card
+from .hub import resolve_adapter
 from .info import adapter_kind
 from .methods import load_model_with_adapter
 from .methods.lora_split import load as load_routed
 from .model import hydralora_layers, remove_hydralora
-from .routing.fixed import (  # noqa: F401  (the gate helpers are part of this module's interface)
-    check_gate_vector,
+from .routing.fixed import (
     fixed_gate_lora_config,
-    gates_from_file,
     mean_gates,
     merge_fixed,
     resolve_gates,

@@ -26,7 +26,6 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, StorageError
-from .readers import YAML_MAX_BYTES, read_json, read_json_object, read_yaml_mapping  # noqa: F401 (re-exported)
 
 MANIFEST = ".hydralora-manifest.json"
 # the files of an adapter folder (PEFT's names) and of the other folders this package writes
@@ -50,10 +49,20 @@ STORAGE_HINTS = {
 STORAGE_ERRNOS = set(STORAGE_HINTS)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    """The process umask. Reading it means setting it, so it is read once, at import, before
+    any thread of ours (a tracker's writer, compare's pool) creates files: a read per write
+    would leave a window in which another thread's file is made world-writable."""
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+UMASK = _read_umask()
+
+
+def _umask() -> int:
+    return UMASK
 
 
 @contextlib.contextmanager
@@ -243,13 +252,6 @@ def record_written(folder: Path, add: list[str] | set[str] = (), forget: list[st
     """Update `folder`'s manifest (atomically): `add` names the tool wrote, `forget` removed ones."""
     names = ((read_manifest(folder) or set()) | set(add)) - set(forget) - {MANIFEST}
     write_json(Path(folder) / MANIFEST, {"tool": "hydralora", "files": sorted(names)})
-
-
-def remove_entry(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def not_ours(folder: Path, names: Iterable[str]) -> list[str]:

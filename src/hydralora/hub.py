@@ -3,9 +3,6 @@
 - `resolve_adapter(name)`: a local folder as it is; otherwise a hub id (`owner/name`,
   optionally `owner/name@revision`) downloaded with `huggingface_hub.snapshot_download` (the
   local cache first; with `HF_HUB_OFFLINE=1` only the cache).
-- `model_card(folder)`: the README.md of an adapter folder, built from the files the run wrote
-  (adapter_config.json, summary.json, train_config.yaml); `export_card` the one of an export.
-  Both carry license, pipeline_tag and the base model as a hub id where it is known.
 - `push(PushOptions)`: lists what it uploads (only files hydralora wrote, no training state,
   dot-files or credentials, plus what `--include` names) and sends them in one commit; writes
   the model card first if a folder of ours has none. Offline, no token, no network: one line.
@@ -33,18 +30,10 @@ from huggingface_hub.errors import (
 from .commands.common import looks_like_hub_id
 from .commands.info import PushOptions
 from .errors import AdapterError, ConfigError, UserError
-from .cards import (  # noqa: F401 (the model cards' names, re-exported)
-    BUILTIN_HUB_IDS,
-    CARD_NAME,
-    VLLM_LORA_RANKS,
-    base_hub_id,
-    card_is_ours,
-    export_card,
-    model_card,
-    vllm_max_lora_rank,
-    write_model_card,
-)
+from .cards import CARD_NAME, write_model_card
 from .files import CONFIG_NAME, MANIFEST, SPLIT_FILE, read_manifest, redact
+
+
 def resolve_adapter(name: str | os.PathLike) -> Path:
     """A local adapter folder, or the local snapshot of a hub repository `owner/name[@rev]`."""
     path = Path(name)
@@ -213,9 +202,8 @@ def push(opts: PushOptions) -> str:
         raise ConfigError("push: the Hub is off (HF_HUB_OFFLINE=1); unset it to push")
     if not get_token():
         raise ConfigError("push: no Hugging Face token: log in with `hf auth login` or set HF_TOKEN")
-    files = [f for f in plan["files"] if not f.endswith("(model card, written before the upload)")]
     operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(plan["folder"] / rel))
-                  for rel in files]
+                  for rel in plan["files"]]
     api = HfApi()
     try:
         api.create_repo(opts.repo, private=opts.private, exist_ok=True, repo_type="model")

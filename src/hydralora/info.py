@@ -17,7 +17,8 @@ import numpy as np
 from .commands.info import InfoOptions
 from .config import HydraLoraConfig
 from .errors import AdapterError
-from .files import CONFIG_NAME, ROUTER_STATS, SPLIT_FILE, WEIGHTS_NAME, read_json
+from .files import CONFIG_NAME, ROUTER_STATS, SPLIT_FILE, WEIGHTS_NAME
+from .readers import read_json
 from .hub import resolve_adapter
 
 PEFT_TYPES = {"HYDRALORA": "hydralora", "LORA": "lora"}

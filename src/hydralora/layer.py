@@ -15,8 +15,8 @@ Two paths compute it. The common configuration (softmax router on x, per-token r
 shared A, nothing forced, no loss term from the router) runs as one autograd Function with a
 hand-written backward (`fused.HydraFused`: the fewest kernels, the frozen W0 x included when
 the base is a plain nn.Linear). Every other mode (top-k, uniform, sequence and oracle routing,
-routing on A x, one A per head, head dropout, balance and guide losses, forced gates) runs
-through plain autograd below; both equal the per-head formula (tests/test_layer.py).
+routing on A x, one A per head, head dropout, a router temperature other than 1, one dropout
+mask per head, balance and guide losses, forced gates) runs through plain autograd below; both equal the per-head formula (tests/test_layer.py).
 
 A layer holds parameters and configuration only. What a forward needs from its batch (masks,
 forced gates, labels) and what it yields besides the output (loss terms, statistics, gates)
@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from .config import HydraLoraConfig
 from .errors import AdapterError, ConfigError
@@ -39,6 +40,7 @@ from .routing.context import RoutingContext, RoutingError, active_routing, in_ba
 from .routing.router import (
     balance_loss,
     example_means,
+    examples_in,
     gates_from_logits,
     pool_sequence,
     probabilities,
@@ -63,10 +65,17 @@ def _autocast_on(device_type: str) -> bool:
     return device_type in ("cpu", "cuda", "xpu", "mps", "hpu") and torch.is_autocast_enabled(device_type)
 
 
+def base_io(base: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a base layer: nn.Linear's own sizes (bitsandbytes Linear4bit and
+    Linear8bitLt subclass it with packed weights), else the weight's (GPT-2 Conv1D stores W as
+    (in, out))."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    return int(base.weight.shape[0]), int(base.weight.shape[1])
+
+
 def _hooked(module: nn.Module) -> bool:
     """Whether calling `module` runs hooks (DeepSpeed ZeRO-3 gathers weights in them)."""
-    from torch.nn.modules import module as torch_module
-
     return bool(module._forward_hooks or module._forward_pre_hooks
                 or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
 
@@ -93,11 +102,8 @@ class HydraLoraLinear(nn.Module):
         self.base = base
         self.config = config
         self.fan_in_fan_out = not isinstance(base, nn.Linear)  # Conv1D stores W as (in, out)
+        self.in_features, self.out_features = base_io(base)
         w = base.weight
-        # nn.Linear's own sizes: bitsandbytes Linear4bit/Linear8bitLt subclass it with packed weights
-        self.in_features, self.out_features = (
-            (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (base.in_features, base.out_features)
-        )
         k, r = config.num_heads, config.r
         self.num_heads, self.r, self.scaling = k, r, config.scaling
         self.a_rows = r if config.shared_a else k * r
@@ -257,23 +263,26 @@ class HydraLoraLinear(nn.Module):
         cfg, n = self.config, x.shape[0]
         sequence = cfg.routing == "sequence"
         if sequence and ctx is not None:  # a decoding step of a generation: the prompt's gates
-            cached = ctx.cached_sequence_gates(self, lead[0] if len(lead) > 1 else n)
+            cached = ctx.cached_sequence_gates(self, examples_in(lead))
             if cached is not None:
                 return self._per_token(cached, n)
         source = x if cfg.router_input == "x" else h
         if sequence:
             source = pool_sequence(source, lead, ctx.pooling_mask(lead) if ctx else None)  # (B, d)
         logits = F.linear(source, self.router)  # (N, k), or (B, k) with sequence routing
-        gates = gates_from_logits(logits, cfg, self.training)
-        if self.training and cfg.balance_loss_weight > 0 and torch.is_grad_enabled():
+        balance = self.training and cfg.balance_loss_weight > 0 and torch.is_grad_enabled()
+        keep_probs = ctx is not None and ctx.example_gates
+        # the softmax once for the gates, the balance term and the kept probabilities
+        probs = probabilities(logits, cfg) if balance or keep_probs else None
+        gates = gates_from_logits(logits, cfg, self.training, probs)
+        if balance:
             if ctx is None:
                 raise RoutingError("balance_loss_weight > 0: run training forwards inside a routing "
                                    "context and add its loss: `with RoutingContext.from_batch(batch) "
                                    "as routing: ...` then `loss + routing.aux_loss()`")
-            term = balance_loss(logits, cfg, None if sequence else weight)
+            term = balance_loss(logits, cfg, None if sequence else weight, probs)
             ctx.add_balance_term(cfg.balance_loss_weight * term)
-        if ctx is not None and ctx.example_gates:  # the router's probabilities, before top-k
-            probs = probabilities(logits, cfg)
+        if keep_probs:  # the router's probabilities, before top-k
             ctx.add_example_probs(probs if sequence else example_means(probs, lead, weight))
         if sequence:
             if ctx is not None:

@@ -26,7 +26,7 @@ from .errors import AdapterError, ConfigError
 from .files import CONFIG_NAME, WEIGHTS_NAME, atomic_write
 from .cards import same_base_model
 from .hub import resolve_adapter
-from .layer import SUPPORTED_BASE_TYPES, HydraLoraLinear
+from .layer import SUPPORTED_BASE_TYPES, HydraLoraLinear, base_io
 
 _CONFIG_ATTR = "hydralora_config"
 _FROZEN_ATTR = "_hydralora_requires_grad"
@@ -86,10 +86,8 @@ def _short_list(names: list[str], limit: int = 12) -> str:
 def find_targets(model: nn.Module, targets: list[str] | str) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs that `targets` selects; an error if none, or if any is not a
     linear layer (the message lists the linear layers that exist). 'all-linear' selects every
-    linear layer but the output head, as PEFT does."""
-    if not isinstance(targets, str) and len(targets) > 1 and ALL_LINEAR in [t.lower() for t in targets]:
-        raise ConfigError(f"target_modules={targets!r}: {ALL_LINEAR} already selects every linear layer "
-                          "(but the output head); give it alone, or name the modules without it")
+    linear layer but the output head, as PEFT does ('all-linear' beside other names is refused
+    by HydraLoraConfig.validate)."""
     if is_all_linear(targets):
         names = set(all_linear_names(model))
         matched = [(n, m) for n, m in model.named_modules() if n in names]
@@ -145,8 +143,7 @@ def check_adapter_size(model: nn.Module, config: HydraLoraConfig, matched: list[
     mistyped --num-heads or --r): it would exhaust memory, or take minutes to fail."""
     size = 0
     for _, module in matched:
-        d_in, d_out = (module.in_features, module.out_features) if hasattr(module, "in_features") \
-            else tuple(module.weight.shape[::-1])
+        d_in, d_out = base_io(module)
         a_rows = config.r if config.shared_a else config.r * config.num_heads
         size += a_rows * d_in + config.num_heads * config.r * d_out
         size += config.num_heads * d_in if config.has_router else 0

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, short
-from .files import read_yaml_mapping
+from .readers import read_yaml_mapping
 
 REGEX_CHARS = set("*^$|()[]\\+?")
 

@@ -52,7 +52,7 @@ from torch import nn
 from .config import FORMAT_VERSION, HydraLoraConfig
 from .errors import ConfigError
 from .layer import SUPPORTED_BASE_TYPES, HydraLoraLinear
-from .model import load_adapter_weights, package_version
+from .model import is_all_linear, load_adapter_weights, package_version
 
 SUPPORTED_PEFT = ("0.21.0", "0.22.0")  # >= first, < second: pyproject's peft pin
 PEFT_NAME = "HYDRALORA"
@@ -113,8 +113,7 @@ class HydraLoraPeftConfig(PeftConfig):
         self.peft_type = HYDRALORA
         if self.task_type is None:
             self.task_type = TaskType.CAUSAL_LM
-        if isinstance(self.target_modules, (list, tuple, set)) and len(self.target_modules) == 1 \
-                and str(next(iter(self.target_modules))).lower() == "all-linear":
+        if isinstance(self.target_modules, (list, tuple, set)) and is_all_linear(list(self.target_modules)):
             self.target_modules = "all-linear"  # PEFT's shorthand is a string
         self.hydralora_version, self.format_version = package_version(), FORMAT_VERSION
         self.to_hydra()  # validates, naming the bad key

@@ -40,10 +40,10 @@ from matplotlib.figure import Figure
 
 from ..base_models import load_model
 from ..commands.analyze import ClusterOptions
-from ..commands.common import BUILTIN, K_MAX
+from ..commands.common import K_MAX
 from .kmeans import DEFAULT_TFIDF, MODEL_JSON, MODEL_TENSORS, ClusterModel, check_texts, kmeans, tfidf_features
 from ..data import load_examples
-from ..data.builtin import resolve_builtin
+from ..data.words import names_a_mixture, resolve_words
 from ..dist import progress
 from ..errors import ClusterModelError, ConfigError
 from ..files import atomic_write, write_json
@@ -340,13 +340,13 @@ def run_cluster(opts: ClusterOptions) -> dict[str, Any]:
     those names that the tool did not write are never replaced; its own only with --overwrite."""
     out = Path(opts.output)
     names = [*CLUSTER_FILES, *((MODEL_JSON, MODEL_TENSORS) if opts.features == "tfidf" else ()),
-             *(("data",) if BUILTIN in opts.data else ())]
+             *(("data",) if names_a_mixture(opts.data) else ())]
     with owned_folder(out, names, opts.overwrite):
         return _run_cluster(opts, out)
 
 
 def _run_cluster(opts: ClusterOptions, out: Path) -> dict[str, Any]:
-    examples = load_examples(resolve_builtin(opts.data, out / "data", "train"))
+    examples = load_examples(resolve_words(opts.data, out / "data", "train"))
     texts = [e.instruction for e in examples]
     if opts.k_max > len(texts):
         raise ConfigError(

@@ -41,3 +41,9 @@ class PushOptions:
     def __post_init__(self) -> None:
         if self.repo and not looks_like_hub_id(self.repo.split("@")[0]):
             raise ConfigError(f"REPO {self.repo!r}: give a hub repository id like owner/name")
+        repo, at, branch = self.repo.partition("@")
+        if at:  # owner/name@branch: the branch is --revision's
+            if not branch or (self.revision and self.revision != branch):
+                raise ConfigError(f"REPO {self.repo!r}: give the branch once, as owner/name@branch "
+                                  "or with --revision")
+            self.repo, self.revision = repo, branch

@@ -24,12 +24,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ..commands.common import BUILTIN
 from ..commands.compare import OWNED_FLAGS, CompareOptions
 from ..config import HydraLoraConfig
 from ..data import load_examples
-from ..data.builtin import resolve_builtin
-from ..data.conflict import CONFLICT, resolve_conflict
+from ..data.words import WORDS, resolve_words
 from ..errors import ConfigError, DataError
 from ..files import write_json, write_text
 from ..options import normalize_targets, option_label
@@ -58,24 +56,11 @@ def write_examples(path: Path, examples: list) -> str:
     return str(path)
 
 
-def resolve_files(paths: list[str], folder: Path, split: str) -> list[str]:
-    """Files of --data / --eval-data with the built-in mixtures written out under `folder`."""
-    out = []
-    for path in paths:
-        if path == CONFLICT:
-            out += resolve_conflict([path], folder / "builtin-conflict", split)
-        elif path == BUILTIN:
-            out += resolve_builtin([path], folder / "builtin", split)
-        else:
-            out.append(path)
-    return out
-
-
 def prepare_data(opts: CompareOptions, folder: Path) -> dict[str, Any]:
     """fit / val / test JSONL files (val carved from --data; test from --eval-data, the built-in
     test split, or carved too) and the domains of the training data (None if not all have one)."""
     folder.mkdir(parents=True, exist_ok=True)
-    examples = load_examples(resolve_files(opts.data, folder, "train"))
+    examples = load_examples(resolve_words(opts.data, folder / "builtin", "train"))
     domains = [e.domain for e in examples]
     labeled = all(domains)
     if labeled:
@@ -87,10 +72,9 @@ def prepare_data(opts: CompareOptions, folder: Path) -> dict[str, Any]:
     else:
         cut = max(1, len(examples) // 10)
         val, rest = examples[-cut:], {"all": examples[:-cut]}
-    held_out = opts.eval_data or ([p for p in opts.data if p in (BUILTIN, CONFLICT)]
-                                  if set(opts.data) <= {BUILTIN, CONFLICT} else [])
+    held_out = opts.eval_data or ([p for p in opts.data if p in WORDS] if set(opts.data) <= set(WORDS) else [])
     if held_out:
-        test = load_examples(resolve_files(held_out, folder, "test"))
+        test = load_examples(resolve_words(held_out, folder / "builtin", "test"))
         fit = [e for g in rest.values() for e in g]
     else:  # carve a test split too
         per = opts.test_per_domain if labeled else max(1, len(examples) // 10)
@@ -112,18 +96,14 @@ def layer_shapes(model: str, targets: list[str] | str, trust_remote_code: bool =
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..base_models import resolve_model_path
+    from ..layer import base_io
     from ..model import find_targets
 
     path, extra = resolve_model_path(model)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **extra)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    shapes = []
-    for _, module in find_targets(skeleton, targets):
-        w = module.weight
-        shapes.append((module.in_features, module.out_features) if hasattr(module, "in_features")
-                      else (w.shape[0], w.shape[1]))
-    return shapes
+    return [base_io(module) for _, module in find_targets(skeleton, targets)]
 
 
 def parameter_counts(shapes: list[tuple[int, int]], r: int, k: int, domains: int | None) -> dict[str, int]:

@@ -2,10 +2,10 @@
 examples (`records`: the shapes), examples -> tokens with response-only labels and packed rows
 (`tokenize`), and the built-in offline mixture (`builtin`)."""
 
+from ..commands.common import DEFAULT_MAX_LENGTH
 from ..errors import DataError
-from .records import Example, load_examples, read_records
+from .records import Example, load_examples
 from .tokenize import (
-    DEFAULT_MAX_LENGTH,
     IGNORE_INDEX,
     Collator,
     TokenizedDataset,
@@ -19,6 +19,6 @@ from .tokenize import (
 
 __all__ = [
     "DEFAULT_MAX_LENGTH", "IGNORE_INDEX", "Collator", "DataError", "Example", "TokenizeReport",
-    "TokenizedDataset", "bos_ids", "group_by_domain", "load_examples", "read_records",
+    "TokenizedDataset", "bos_ids", "group_by_domain", "load_examples",
     "render_prompt", "tokenize_example", "tokenize_examples",
 ]

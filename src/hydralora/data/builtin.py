@@ -19,14 +19,13 @@ import json
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import MixtureError
 from ..files import atomic_write
 from ..folders import owned_folder
-from ..commands.common import BUILTIN, TEST_PER_DOMAIN, TRAIN_PER_DOMAIN
+from ..commands.common import TEST_PER_DOMAIN, TRAIN_PER_DOMAIN
 from ..commands.demo import BuiltinDataOptions
 from .records import load_examples
 
@@ -167,17 +166,10 @@ def builtin_mixture(
     return train, test
 
 
-def resolve_builtin(paths: list[str], directory: str | Path, split: str, overwrite: bool = True,
-                    **kwargs: Any) -> list[str]:
-    """Replace the word 'builtin' in a list of data files by the built-in mixture's `split`
-    ('train' or 'test') file, written into `directory` (each command passes its output's
-    data folder; files of ours there are replaced, never others). The only place where the word
-    is resolved."""
-    if BUILTIN not in paths:
-        return list(paths)
-    train_file, test_file = write_builtin(directory, overwrite=overwrite, **kwargs)
-    chosen = str(train_file if split == "train" else test_file)
-    return [chosen if p == BUILTIN else p for p in paths]
+def write_records(path: Path, records: list[dict[str, Any]]) -> None:
+    """One JSON record per line, written whole or not at all."""
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
 
 def write_builtin(output_dir: str | Path, overwrite: bool = False, **kwargs: Any) -> tuple[Path, Path]:
@@ -188,9 +180,7 @@ def write_builtin(output_dir: str | Path, overwrite: bool = False, **kwargs: Any
     with owned_folder(out, names, overwrite):
         train, test = builtin_mixture(**kwargs)
         for name, records in zip(names, (train, test)):
-            with atomic_write(out / name) as tmp:
-                tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
-                               encoding="utf-8")
+            write_records(out / name, records)
     return out / names[0], out / names[1]
 
 

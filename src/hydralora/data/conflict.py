@@ -11,20 +11,19 @@ four instructions, and only the instruction says which output is wanted:
 One LoRA update has to serve four incompatible maps of the same sentences; heads routed by the
 instruction could each learn one. This is where HydraLoRA's heads should pay if they pay
 anywhere. Train and test use disjoint sentences; every record carries its task as `domain`
-(for per-task losses and oracle routing). `--data builtin-conflict` in `train`, `eval` and
-`compare` stands for it.
+(for per-task losses and oracle routing). `--data builtin-conflict` stands for it wherever a
+command takes data files (data/words.py).
 """
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_write
-from .builtin import BBC_LABELS, bbc_articles
+from ..folders import owned_folder
+from .builtin import BBC_LABELS, bbc_articles, write_records
 
 CONFLICT = "builtin-conflict"  # the word that stands for this mixture in a list of data files
 TRAIN_SENTENCES, TEST_SENTENCES = 48, 12  # per task: each sentence appears under every task
@@ -71,15 +70,12 @@ def conflict_mixture(train_sentences: int = TRAIN_SENTENCES, test_sentences: int
     return train, test
 
 
-def resolve_conflict(paths: list[str], directory: str | Path, split: str, **kwargs: Any) -> list[str]:
-    """Replace the word 'builtin-conflict' by this mixture's `split` file, written into `directory`."""
-    if CONFLICT not in paths:
-        return list(paths)
-    train, test = conflict_mixture(**kwargs)
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{split}.jsonl"
-    with atomic_write(path) as tmp:
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
-                               for r in (train if split == "train" else test)), encoding="utf-8")
-    return [str(path) if p == CONFLICT else p for p in paths]
+def write_conflict(output_dir: str | Path, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write train.jsonl and test.jsonl of this mixture; returns their paths. Files of that name
+    the tool did not write are never replaced; its own only with `overwrite`."""
+    out = Path(output_dir)
+    names = ["train.jsonl", "test.jsonl"]
+    with owned_folder(out, names, overwrite):
+        for name, records in zip(names, conflict_mixture()):
+            write_records(out / name, records)
+    return out / names[0], out / names[1]

@@ -16,13 +16,13 @@ Where the records come from (files, globs, saved datasets, hub ids) is `sources`
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, short
-from .sources import describe, read_source, resolve_sources, sources_of
+from .sources import describe, read_source, resolve_sources
 
 SHAPES = {  # shape: the fields that mark it (in detection order)
     "alpaca": ("instruction", "output"),
@@ -64,13 +64,6 @@ class Example:
         """The last user turn: the text that clustering and routing look at."""
         users = [m["content"] for m in self.messages if m["role"] == "user"]
         return users[-1] if users else self.messages[0]["content"]
-
-
-def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """(location, record) for every record a --data entry names (file, glob, folder, hub id)."""
-    for source in sources_of(str(path)):
-        for location, record in read_source(source):
-            yield f"{describe(source)}, {location}", record
 
 
 def _has(record: dict, key: str) -> bool:

@@ -27,7 +27,6 @@ from bisect import bisect_left, insort
 
 import torch
 
-from ..commands.common import DEFAULT_MAX_LENGTH  # noqa: F401  (re-exported)
 from ..errors import DataError
 from .records import Example
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..commands.evaluate import EvalOptions, GenerateOptions
 from ..data import Example, bos_ids, load_examples, render_prompt, tokenize_examples
-from ..data.builtin import BUILTIN, resolve_builtin
+from ..data.words import names_a_mixture, resolve_words
 from ..errors import ConfigError
 from ..files import atomic_write, check_writable, record_written
 from ..folders import claim
@@ -94,7 +94,7 @@ def check_output_file(opts: EvalOptions) -> None:
     if out.is_symlink():
         raise ConfigError(f"--output {opts.output} is a symbolic link; give the file itself")
     claim(out.parent, [out.name], opts.overwrite, link_ok=True)
-    if BUILTIN in opts.data:
+    if names_a_mixture(opts.data):
         claim(out.parent, [f"{out.stem}-data"], True, link_ok=True)
     check_writable(out.parent)
 
@@ -104,11 +104,11 @@ def run_eval(opts: EvalOptions, name: str | None = None) -> dict[str, Any]:
     if opts.output:
         check_output_file(opts)
     data = opts.data
-    if BUILTIN in data:
+    if names_a_mixture(data):
         if not opts.output:
-            raise ConfigError("--data builtin needs --output: the test split is written beside it")
+            raise ConfigError(f"--data {' '.join(data)} needs --output: the test split is written beside it")
         out = Path(opts.output)
-        data = resolve_builtin(data, out.parent / f"{out.stem}-data", "test")
+        data = resolve_words(data, out.parent / f"{out.stem}-data", "test")
         record_written(out.parent, add=[f"{out.stem}-data"])
     examples = load_examples(data)
     if opts.limit:

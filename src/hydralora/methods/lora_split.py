@@ -28,7 +28,6 @@ from ..clustering.kmeans import ClusterModel
 from ..routing.requests import SplitRouter, adapter_name
 from ..config import HydraLoraConfig
 from ..data import Example
-from ..commands.common import SPLIT_MODES
 from ..errors import AdapterError
 from ..files import SPLIT_FILE, temporary_dir, write_json
 from .base import Built, Method, TrainPart

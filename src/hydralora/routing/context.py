@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .router import RouterStats, guide_loss
+from .router import RouterStats, examples_in, guide_loss
 
 IGNORE_INDEX = -100  # labels of the prompt tokens (transformers' convention)
 
@@ -64,11 +64,6 @@ def active_routing() -> RoutingContext | None:
     return getattr(_SLOT, "context", None)
 
 
-def _lead_batch(lead: tuple[int, ...]) -> int:
-    """Examples in a forward whose input has leading shape `lead`: B of (B, T), else each row."""
-    return lead[0] if len(lead) > 1 else lead[0] if lead else 1
-
-
 def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(d) for d in t.shape) + ")"
 
@@ -76,7 +71,7 @@ def _shape(t: torch.Tensor) -> str:
 class GateStats:
     """Router statistics per layer (mean gate, top-1 share, entropy over the real tokens),
     accumulated on the gates' device over every forward whose routing context carries this
-    object; read with `summary(model)` (the only host read), then `reset()`."""
+    object; read with `summary(model)` (one host read per layer), then `reset()`."""
 
     def __init__(self) -> None:
         self.by_layer: dict[nn.Module, RouterStats] = {}
@@ -89,8 +84,8 @@ class GateStats:
 
     def summary(self, model: nn.Module) -> dict[str, dict[str, Any]]:
         """{layer path in `model`: summary} for the layers that saw tokens."""
-        return {name: self.by_layer[m].summary() for name, m in model.named_modules()
-                if m in self.by_layer and self.by_layer[m].tokens}
+        found = ((name, self.by_layer[m].summary()) for name, m in model.named_modules() if m in self.by_layer)
+        return {name: summary for name, summary in found if summary["tokens"]}  # one host read a layer
 
     def reset(self) -> None:
         self.by_layer.clear()
@@ -194,7 +189,7 @@ class RoutingContext:
         if m is None:
             return None
         t = lead[1] if len(lead) > 1 else 1
-        if m.shape[0] != _lead_batch(lead) or m.shape[1] > t:
+        if m.shape[0] != examples_in(lead) or m.shape[1] > t:
             raise RoutingError(f"routing context: prompt_mask {_shape(m)} does not fit a forward of "
                                f"shape ({', '.join(map(str, lead))}, ...); it marks the prompt of "
                                "each example of this batch")
@@ -203,7 +198,7 @@ class RoutingContext:
     def given_gates(self, k: int, oracle: bool, lead: tuple[int, ...]) -> torch.Tensor | None:
         """(B, k) gates fixed from outside for a forward of leading shape `lead`: forced gates,
         or (for an oracle layer) the one-hot of each example's label; None: the router decides."""
-        b = _lead_batch(lead)
+        b = examples_in(lead)
         if self.forced_gates is not None:
             g = self.forced_gates
             if g.shape != (b, k):

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..data import group_by_domain
 from ..errors import ConfigError
-from ..files import read_json_object
+from ..readers import read_json_object
 from ..model import hydralora_layers
 from .stats import gate_statistics
 

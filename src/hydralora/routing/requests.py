@@ -27,7 +27,8 @@ from ..cards import vllm_max_lora_rank
 from ..clustering.kmeans import ClusterModel, tfidf_features
 from ..commands.export import RouteOptions
 from ..errors import ClusterModelError, ConfigError
-from ..files import CONFIG_NAME, SPLIT_FILE, is_safe_name, read_json_object, safe_name
+from ..files import CONFIG_NAME, SPLIT_FILE, is_safe_name, safe_name
+from ..readers import read_json_object
 
 
 def domain_router(instructions: list[str], domains: list[str], names: list[str]) -> ClusterModel:

@@ -24,16 +24,18 @@ def probabilities(logits: torch.Tensor, cfg: HydraLoraConfig) -> torch.Tensor:
     return logits.softmax(-1, dtype=torch.float32)
 
 
-def gates_from_logits(logits: torch.Tensor, cfg: HydraLoraConfig, training: bool) -> torch.Tensor:
+def gates_from_logits(logits: torch.Tensor, cfg: HydraLoraConfig, training: bool,
+                      probs: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax (or top-k renormalized) gates in float32, (N, k) from (N, k) logits; with
-    head dropout in training, whole heads are dropped per token and the rest renormalized."""
+    head dropout in training, whole heads are dropped per token and the rest renormalized.
+    `probs`: `probabilities(logits, cfg)` where the caller has it already."""
     k = logits.shape[-1]
     if cfg.router == "topk" and cfg.top_k < k:
         scaled = logits.float() / cfg.router_temperature
         top_vals, top_idx = scaled.topk(cfg.top_k, dim=-1)  # (N, top_k)
         gates = torch.zeros_like(scaled).scatter(-1, top_idx, top_vals.softmax(-1))
     else:
-        gates = probabilities(logits, cfg)
+        gates = probabilities(logits, cfg) if probs is None else probs
     if training and cfg.head_dropout > 0:
         keep = torch.rand_like(gates) >= cfg.head_dropout  # (N, k)
         kept = gates * keep
@@ -51,13 +53,15 @@ def weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Te
     return (values * w).sum(0) / w.sum().clamp_min(1.0)
 
 
-def balance_loss(logits: torch.Tensor, cfg: HydraLoraConfig, weight: torch.Tensor | None) -> torch.Tensor:
+def balance_loss(logits: torch.Tensor, cfg: HydraLoraConfig, weight: torch.Tensor | None,
+                 probs: torch.Tensor | None = None) -> torch.Tensor:
     """Switch-style balance loss k * sum_i f_i P_i over the real tokens; 1 for even usage.
 
     f_i: share of tokens whose top-`top_k` selection includes head i (divided by top_k);
-    P_i: mean router probability of head i. Only P carries a gradient.
+    P_i: mean router probability of head i. Only P carries a gradient. `probs`: as in
+    `gates_from_logits`.
     """
-    probs = probabilities(logits, cfg)  # (N, k)
+    probs = probabilities(logits, cfg) if probs is None else probs  # (N, k)
     k = probs.shape[-1]
     top_k = cfg.top_k if cfg.router == "topk" else 1
     chosen = probs.topk(top_k, dim=-1).indices  # (N, top_k)
@@ -65,10 +69,16 @@ def balance_loss(logits: torch.Tensor, cfg: HydraLoraConfig, weight: torch.Tenso
     return k * (f * weighted_mean(probs, weight)).sum()
 
 
+def examples_in(lead: tuple[int, ...]) -> int:
+    """Examples in a forward whose input has leading shape `lead`: B of (B, T); with a 2-D
+    input (N, in) each of the N rows is one."""
+    return lead[0] if lead else 1
+
+
 def example_means(gates: torch.Tensor, lead: tuple[int, ...], weight: torch.Tensor | None) -> torch.Tensor:
     """Per-example mean gates (B, k) from per-token gates (N, k) with N = B*T (lead = (B, T));
     padding (weight 0) excluded. A 2-D input (N, in) counts each token as an example."""
-    b = lead[0] if len(lead) > 1 else gates.shape[0]
+    b = examples_in(lead)
     g = gates.view(b, -1, gates.shape[-1])  # (B, T, k)
     if weight is None:
         return g.mean(1)
@@ -86,7 +96,7 @@ def pool_sequence(x: torch.Tensor, lead: tuple[int, ...], mask: torch.Tensor | N
     """Mean of the (N, d) rows of each example over its masked positions -> (B, d). `mask`
     (B, T0) marks the tokens to pool (the prompt; T0 <= T, later tokens are not pooled; the
     routing context checks its shape); an example with no masked token pools all of them."""
-    b = lead[0] if len(lead) > 1 else x.shape[0]
+    b = examples_in(lead)
     rows = x.view(b, -1, x.shape[-1])  # (B, T, d)
     if mask is None:
         return rows.mean(1)

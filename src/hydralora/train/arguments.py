@@ -70,7 +70,7 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _as_number(key: str, value: Any, kind: type) -> Any:
+def _as_number(value: Any, kind: type) -> Any:
     """Text that is a number, as the number (YAML 1.1 reads `1e-6` and `nan` as strings)."""
     if isinstance(value, str):
         try:
@@ -127,7 +127,7 @@ def _normalize(key: str, value: Any) -> Any:
     members = _members(tp)
     for kind in (float, int):
         if kind in members and bool not in members:
-            value = _as_number(key, value, kind)
+            value = _as_number(value, kind)
     enums = [m for m in members if isinstance(m, type) and issubclass(m, enum.Enum)]
     if isinstance(value, bool) and bool not in members:
         if value is False and any("no" in {m.value for m in e} for e in enums):

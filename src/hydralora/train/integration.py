@@ -29,42 +29,15 @@ from ..routing.stats import diversity_report
 __all__ = ["HydraLoraTrainerMixin", "router_parameter_groups"]
 
 
-def skip_unused_deepspeed() -> None:
-    """accelerate's `unwrap_model` (the Trainer calls it from its __init__ on) imports deepspeed
-    whenever it is installed, only to test `isinstance(model, DeepSpeedEngine)`, and that import
-    logs "Setting accelerator to CPU ..." (and costs a second) in every run. A DeepSpeedEngine
-    can exist only once deepspeed is imported, and a DeepSpeed run imports it while setting up:
-    so for that test, deepspeed counts as available only when already imported. Exact, and
-    idempotent; accelerate's other uses are untouched."""
-    import sys
-
-    from accelerate.utils import other
-
-    probe = other.is_deepspeed_available
-    if not getattr(probe, "hydralora_lazy", False):
-        def lazy() -> bool:
-            return "deepspeed" in sys.modules and probe()
-
-        lazy.hydralora_lazy = True  # type: ignore[attr-defined]
-        other.is_deepspeed_available = lazy
-
-
 def router_parameter_groups(optimizer: torch.optim.Optimizer, model: nn.Module,
                             multiplier: float) -> torch.optim.Optimizer:
     """Move the routers' parameters of `optimizer` into groups of their own that learn at
     lr * multiplier (every other setting as the group they came from). The routers: every
-    HydraLoRA layer's (found by module, so any wrapper's naming works: ours, PEFT's
-    `base_model.model.…router`, FSDP's), and any parameter named `*.router` or PEFT-style
-    `*.router.<adapter>` inside a PEFT tuner layer."""
+    HydraLoRA layer's, found by module (not by name: a user's parameter that happens to be
+    called `router` stays in its group), so any wrapper's naming works: ours, PEFT's, FSDP's."""
     if multiplier == 1.0:
         return optimizer
     routers = {id(layer.router) for layer in hydralora_layers(model).values() if layer.router is not None}
-    tuner_layers = {name for name, m in model.named_modules() if hasattr(m, "active_adapters")
-                    and hasattr(m, "base_layer")}
-    for name, p in model.named_parameters():
-        owner, _, last = name.rpartition(".")
-        if last == "router" or (owner.endswith(".router") and owner.rpartition(".")[0] in tuner_layers):
-            routers.add(id(p))
     for group in list(optimizer.param_groups):
         moved = [p for p in group["params"] if id(p) in routers]
         if not moved:
@@ -83,16 +56,25 @@ class HydraLoraTrainerMixin:
 
     def __init__(self, *args: Any, router_lr_multiplier: float | None = None,
                  guide_loss_weight: float = 0.0, guide_schedule: str = "constant", **kwargs: Any):
-        skip_unused_deepspeed()
         super().__init__(*args, **kwargs)
         self.router_lr_multiplier = router_lr_multiplier
         self.guide_loss_weight, self.guide_schedule = guide_loss_weight, guide_schedule
         self.gate_stats = GateStats()
         self.last_router_stats: dict[str, dict[str, Any]] = {}
+        self._hydra_seen: tuple[int, bool] | None = None  # (id of the model looked at, has layers)
+        self._checkpointing_routed: int | None = None  # id of the model route_checkpointing saw
 
     # ------------------------------------------------------------------ helpers
     def _hydra_model(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
+
+    def _has_hydra(self) -> bool:
+        """Whether the model holds HydraLoRA layers; looked up once per model (a walk over
+        every module), not on every micro-batch."""
+        model = self._hydra_model()
+        if self._hydra_seen is None or self._hydra_seen[0] != id(model):
+            self._hydra_seen = (id(model), bool(hydralora_layers(model)))
+        return self._hydra_seen[1]
 
     def _hydra_config(self):
         layers = hydralora_layers(self._hydra_model())
@@ -135,12 +117,14 @@ class HydraLoraTrainerMixin:
         return router_parameter_groups(optimizer, model or self.model, multiplier)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not hydralora_layers(self._hydra_model()):
+        if not self._has_hydra():
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         training = model.training
-        if training and getattr(self.args, "gradient_checkpointing", False):
+        if training and getattr(self.args, "gradient_checkpointing", False) \
+                and self._checkpointing_routed != id(model):  # once per model: it is idempotent
             route_checkpointing(model)  # the recomputation in backward sees this batch's routing
+            self._checkpointing_routed = id(model)
         guide = self._guide_weight_now() if training and "route_labels" in inputs else 0.0
         stats = self.gate_stats if training and self._logs_this_step() else None
         with RoutingContext.from_batch(inputs, stats=stats, example_gates=guide > 0) as routing:
@@ -156,7 +140,7 @@ class HydraLoraTrainerMixin:
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if "loss" in logs and hydralora_layers(self._hydra_model()):
+        if "loss" in logs and self._has_hydra():
             stats = self.take_router_stats()
             logs.update({k: round(v, 4) for k, v in diversity_report(self._hydra_model(), stats).items()})
         super().log(logs, *args, **kwargs)

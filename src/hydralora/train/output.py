@@ -15,11 +15,12 @@ import contextlib
 import errno
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
-from ..commands.common import BUILTIN
 from ..config import HydraLoraConfig
+from ..data.words import names_a_mixture
 from ..dist import is_main_process, log
 from ..errors import StorageError, TrainingError
 from ..files import (
@@ -43,7 +44,7 @@ from .config import TrainConfig
 CHECKPOINTS = "checkpoints"
 COMPLETE_MARKER = ".complete"
 BUILTIN_DATA = "data"  # the built-in mixture's files, when --data builtin
-CARD = "README.md"  # written only where it is missing or ours (hub.card_is_ours)
+CARD = "README.md"  # written only where it is missing or ours (cards.card_is_ours)
 
 
 def _step(path: Path) -> int | None:
@@ -77,14 +78,14 @@ def last_checkpoint(output: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def run_names(cfg: TrainConfig, output: Path) -> list[str]:
+def run_names(cfg: TrainConfig) -> list[str]:
     """The names a run may write into OUTPUT (the model card aside: it is written only where
     no README.md of the user's is)."""
     names = {RUN_CONFIG, SUMMARY, CHECKPOINTS, *(f for f in METHODS[cfg.method].files if "*" not in f)}
     if cfg.method == "lora-split":  # one folder per cluster: cluster_0 ... cluster_<k-1>
         k = cfg.k_max if cfg.adapter.get("num_heads") == "auto" else int(cfg.adapter.get("num_heads", 1))
         names |= {f"cluster_{i}" for i in range(max(k, 1))}
-    if any(str(d).startswith(BUILTIN) for d in (*cfg.data, *cfg.eval_data)):  # builtin, builtin-conflict
+    if names_a_mixture([*cfg.data, *cfg.eval_data]):  # builtin, builtin-conflict
         names.add(BUILTIN_DATA)
     report_to = cfg.trainer_args.get("report_to") or []
     report_to = [report_to] if isinstance(report_to, str) else list(report_to)
@@ -112,14 +113,14 @@ def prepare_output(cfg: TrainConfig) -> Path:
     output = Path(cfg.output)
     check_output_path(output)
     refuse_model_folder(output, cfg.model)
-    foreign = not_ours(output, run_names(cfg, output))
+    foreign = not_ours(output, run_names(cfg))
     if foreign:
         raise TrainingError(
             f"{output}: {', '.join(foreign[:5])} {'is' if len(foreign) == 1 else 'are'} not written by "
             f"hydralora (not listed in its {MANIFEST}) and this run would replace "
             f"{'it' if len(foreign) == 1 else 'them'}; it never replaces what it did not write, "
             f"--overwrite or not: move {'it' if len(foreign) == 1 else 'them'} away or choose another --output")
-    inside = [str(p) for name in run_names(cfg, output) if name not in (CHECKPOINTS, BUILTIN_DATA)
+    inside = [str(p) for name in run_names(cfg) if name not in (CHECKPOINTS, BUILTIN_DATA)
               for p in foreign_inside(output / name)]
     if inside:  # a folder of ours the run replaces whole (a LoRA-Split cluster's) holds theirs
         raise TrainingError(f"{inside[0]} was not written by hydralora and this run would replace the "
@@ -259,9 +260,10 @@ def write_failure(err: BaseException, folder: Path) -> OSError | None:
 
 
 @contextlib.contextmanager
-def run_folder(output: Path, names: list[str] = ()) -> Iterator[None]:
-    """Hold OUTPUT's lock during the run (main process). `names` (what the run may write, none
-    of them another's: `prepare_output`) are listed in the manifest before the run writes, so
+def run_folder(output: Path, names: list[str] = (), check: Callable[[], Any] | None = None) -> Iterator[None]:
+    """Hold OUTPUT's lock during the run (main process). `check` runs once the lock is held
+    (what another process wrote before it took the lock is then seen). `names` (what the run
+    may write, none of them another's: `prepare_output`) are listed in the manifest before the run writes, so
     a run killed halfway leaves them marked as ours; afterwards the manifest lists what is
     there. What was there before and was not ours is never claimed. A run that wrote nothing
     leaves the folder as it found it (a folder it created and left empty is removed)."""
@@ -280,6 +282,8 @@ def run_folder(output: Path, names: list[str] = ()) -> Iterator[None]:
     if note:
         log(note)
     try:
+        if check is not None:
+            check()
         if names:
             record_written(output, add=names)
         yield
@@ -306,8 +310,9 @@ def check_resume_fits(output: Path, adapter: HydraLoraConfig) -> None:
         return
     saved = HydraLoraConfig.from_json_file(config_file).to_dict()
     wanted = adapter.to_dict()
+    # the preset is a label (runs before presets have none), k_selection a record of the choice
     differ = [f"{k}: checkpoint {saved[k]!r}, this run {wanted[k]!r}" for k in sorted(saved)
-              if k != "k_selection" and saved[k] != wanted[k]]
+              if k not in ("k_selection", "preset") and saved[k] != wanted[k]]
     if differ:
         raise TrainingError(f"--resume: the adapter settings differ from {checkpoint}'s ("
                             + "; ".join(differ[:6]) + "); resume with the run's own settings")

@@ -17,12 +17,11 @@ from ..clustering.choose_k import select_num_heads
 from ..clustering.kmeans import ClusterModel
 from ..config import HydraLoraConfig
 from ..data import Example, load_examples, tokenize_examples
-from ..data.builtin import resolve_builtin
-from ..data.conflict import resolve_conflict
+from ..data.words import resolve_words
 from ..dist import is_main_process, log, world_size
 from ..eval.loss import domain_losses
 from ..files import make_readable, record_written, redact, redacted_header, stamp_tree, write_json, write_yaml
-from ..hub import card_is_ours, write_model_card
+from ..cards import card_is_ours, write_model_card
 from ..methods import METHODS, count_adapter_parameters
 from ..model import find_targets, hydralora_layers
 from ..routing.labels import attach_route_labels, route_label_names
@@ -44,6 +43,31 @@ from .output import (
 from .trainer import fit, peak_memory_mb
 
 
+def skip_unused_deepspeed() -> None:
+    """accelerate's `unwrap_model` (the Trainer calls it from its __init__ on) imports deepspeed
+    whenever it is installed, only to test `isinstance(model, DeepSpeedEngine)`; that import
+    logs "Setting accelerator to CPU ..." (and costs a second) in every run. A DeepSpeedEngine
+    exists only once deepspeed is imported, and a DeepSpeed run imports it while setting up, so
+    for that test deepspeed counts as available only when already imported. Only `hydralora
+    train` installs this (a user's own Trainer is left alone); idempotent, and skipped where
+    accelerate has moved the name."""
+    import sys
+
+    try:
+        from accelerate.utils import other
+    except ImportError:
+        return
+    probe = getattr(other, "is_deepspeed_available", None)
+    if probe is None or getattr(probe, "hydralora_lazy", False):
+        return
+
+    def lazy() -> bool:
+        return "deepspeed" in sys.modules and probe()
+
+    lazy.hydralora_lazy = True  # type: ignore[attr-defined]
+    other.is_deepspeed_available = lazy
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run one fine-tune and return its summary (also written to OUTPUT/summary.json)."""
     return run_training(cfg)[0]
@@ -52,10 +76,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def resolve_data(paths: list[str], cfg: TrainConfig, split: str) -> list[str]:
     """Replace 'builtin' and 'builtin-conflict' by the built-in mixtures' files, written under
     OUTPUT/data."""
-    paths = resolve_conflict(paths, Path(cfg.output) / "data" / "conflict", split)
-    return resolve_builtin(paths, Path(cfg.output) / "data", split, overwrite=True,  # ours only
-                           train_per_domain=cfg.builtin_train_per_domain,
-                           test_per_domain=cfg.builtin_test_per_domain)
+    return resolve_words(paths, Path(cfg.output) / "data", split, overwrite=True,  # ours only
+                         train_per_domain=cfg.builtin_train_per_domain,
+                         test_per_domain=cfg.builtin_test_per_domain)
 
 
 def write_run_record(path: Path, values: dict[str, Any], as_yaml: bool = False) -> None:
@@ -75,16 +98,18 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] = ()
     """Run one fine-tune; returns (summary, trained model, tokenizer). `callbacks` are added
     to every Trainer run (e.g. your own logging). OUTPUT is locked during the run."""
     cfg.validate()
+    skip_unused_deepspeed()
     output = prepare_output(cfg)
-    names = run_names(cfg, output) + ([CARD] if card_is_ours(output) else [])
-    with run_folder(output, names):
+    names = run_names(cfg) + ([CARD] if card_is_ours(output) else [])
+    # checked again once the lock is held: another process may have written in between
+    with run_folder(output, names, check=lambda: prepare_output(cfg)):
         return _run_training(cfg, callbacks)
 
 
 def _run_training(cfg: TrainConfig, callbacks: Sequence[TrainerCallback]
                   ) -> tuple[dict[str, Any], nn.Module, Any]:
     method = METHODS[cfg.method]
-    output = prepare_output(cfg)
+    output = Path(cfg.output)
     started = time.time()
     our_card = card_is_ours(output)  # decided before this run writes anything (PEFT writes one)
     train_files = resolve_data(cfg.data, cfg, "train")
@@ -153,7 +178,7 @@ def _run_training(cfg: TrainConfig, callbacks: Sequence[TrainerCallback]
     built.state["router_stats"] = stats
     if is_main_process():
         method.save(built, output, cfg.model)
-        for name in set(run_names(cfg, output)) - {CHECKPOINTS, BUILTIN_DATA}:
+        for name in set(run_names(cfg)) - {CHECKPOINTS, BUILTIN_DATA}:
             if (output / name).is_dir() and not (output / name).is_symlink():
                 stamp_tree(output / name, top=True)  # the method's folders (LoRA-Split's): each lists its files
             make_readable(output / name)  # PEFT saves adapter_model.safetensors as 0600

@@ -110,12 +110,6 @@ class HydraTrainer(HydraLoraTrainerMixin, CpuFsdpMixin, ResponseLossTrainer):
         # the Trainer's rotation deletes every checkpoint-* folder, ours or not: ours keeps to ours
         self.checkpoint_limit, self.args.save_total_limit = self.args.save_total_limit, None
 
-    def _bare(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.model)
-
-    def _is_hydra(self) -> bool:
-        return bool(hydralora_layers(self._bare()))
-
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """The Trainer's held-out loss (eval_loss); during training also each domain's
         (eval_<domain>_loss) when the held-out set has more than one."""
@@ -126,30 +120,30 @@ class HydraTrainer(HydraLoraTrainerMixin, CpuFsdpMixin, ResponseLossTrainer):
         return metrics
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if not self._is_hydra():
+        if not self._has_hydra():
             return super()._save(output_dir, state_dict)
         if self.is_deepspeed_enabled and state_dict:  # the engine's gathered weights (ZeRO-3 too)
-            keys = adapter_state_dict(self._bare())
+            keys = adapter_state_dict(self._hydra_model())
             if self.args.should_save and keys.keys() <= state_dict.keys():
                 tensors = {k: state_dict[k].detach().float().contiguous().cpu() for k in keys}
-                save_adapter(self._bare(), output_dir or self.args.output_dir, tensors=tensors)
-        elif is_sharded(self._bare()):  # every process gathers, the first one writes
-            tensors = full_adapter_tensors(self._bare())
+                save_adapter(self._hydra_model(), output_dir or self.args.output_dir, tensors=tensors)
+        elif is_sharded(self._hydra_model()):  # every process gathers, the first one writes
+            tensors = full_adapter_tensors(self._hydra_model())
             if self.args.should_save:
-                save_adapter(self._bare(), output_dir or self.args.output_dir, tensors=tensors)
+                save_adapter(self._hydra_model(), output_dir or self.args.output_dir, tensors=tensors)
         elif self.args.should_save:
-            save_adapter(self._bare(), output_dir or self.args.output_dir)
+            save_adapter(self._hydra_model(), output_dir or self.args.output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None):
-        if not self._is_hydra():
+        if not self._has_hydra():
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         _, tensors = read_adapter(resume_from_checkpoint)
-        params = adapter_state_dict(self._bare())  # sharded ones get the saved tensor's shards
+        params = adapter_state_dict(self._hydra_model())  # sharded ones get the saved tensor's shards
         tensors = {k: like_parameter(params[k], t) if k in params else t for k, t in tensors.items()}
-        load_adapter_weights(self._bare(), tensors, source=resume_from_checkpoint)
+        load_adapter_weights(self._hydra_model(), tensors, source=resume_from_checkpoint)
 
     def _load_best_model(self) -> None:  # load_best_model_at_end: the best checkpoint's adapter
-        if not self._is_hydra():
+        if not self._has_hydra():
             return super()._load_best_model()
         log(f"loading the best checkpoint {self.state.best_model_checkpoint} "
             f"({self.args.metric_for_best_model} {self.state.best_metric})")

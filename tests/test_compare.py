@@ -84,7 +84,8 @@ def test_compare_runs_end_to_end_on_the_tiny_model_and_resumes(tiny_model_dir, t
     argv = ["compare", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out),
             "--seeds", "0", "1", "--lr-grid", "1e-3", "2e-2", "--r", "4", "--num-heads", "2",
             "--val-per-domain", "2", "--test-per-domain", "2",
-            "--max-steps", "4", "--batch-size", "4", "--target-modules", "q_proj", "v_proj", "--save-steps", "0"]
+            "--max-steps", "4", "--batch-size", "4", "--target-modules", "q_proj", "v_proj", "--save-steps", "0",
+            "--jobs", "2"]  # two runs at once: the test's time is mostly each process's start
     assert main(argv) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "compare.json").read_text())

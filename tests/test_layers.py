@@ -26,7 +26,8 @@ LAYERS = [
     ["fused"],  # core: the common configuration's autograd Function
     ["layer"],  # core: the math
     ["model", "__init__", "peft_method"],  # core: inject/remove/save/load; the public API; PEFT's method
-    ["data", "data.sources", "data.records", "data.tokenize", "data.builtin", "data.conflict", "base_models"],
+    ["data", "data.sources", "data.records", "data.tokenize", "data.builtin", "data.conflict", "data.words",
+     "base_models"],
     ["clustering", "clustering.kmeans", "clustering.choose_k", "routing.stats", "routing.labels",
      "routing.requests"],
     ["eval", "eval.loss", "eval.generation", "eval.sandbox", "eval._guard", "eval.metrics",

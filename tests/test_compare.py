@@ -62,6 +62,10 @@ def test_bad_options_and_training_flags_are_one_error_line(tmp_path, capsys):
     assert training_flags(["--max-steps", "3", "--batch-size", "2"]) ["max_steps"] == 3
     code = main(["compare", "--data", "d.jsonl", "--output", str(tmp_path / "o"), "--lr", "1e-3"])
     assert code == 2 and "compare sets --learning-rate (--lr) itself" in capsys.readouterr().err
+    code = main(["compare", "--data", "d.jsonl", "--output", str(tmp_path / "o2"),
+                 "--target-modules", "all-linear", "q_proj"])
+    assert code == 2 and "'all-linear' already selects every linear layer" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
 
 
 def test_the_conflicting_mixture_shares_inputs_across_tasks():

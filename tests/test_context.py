@@ -171,3 +171,27 @@ def test_route_checkpointing_adds_the_context_to_checkpointing_set_up_elsewhere(
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert route_checkpointing(model) >= 2  # each decoder layer's checkpoint function
     assert route_checkpointing(model) == 0  # idempotent
+
+
+def test_the_trainer_mixin_routes_checkpointing_again_when_it_is_set_up_again():
+    """Each Trainer.train() installs new checkpoint functions: the mixin walks the model again
+    then (and only then), so a second train() also recomputes inside the routing context."""
+    from types import SimpleNamespace
+
+    from hydralora.train.integration import HydraLoraTrainerMixin
+
+    model = add_hydralora(make_tiny_llama(), HydraLoraConfig(r=4, num_heads=2, target_modules=["q_proj"]))
+    trainer = SimpleNamespace(_checkpoint_seen=None)
+
+    def routed():
+        return [getattr(m._gradient_checkpointing_func, "hydralora_routing", False)
+                for m in model.modules() if getattr(m, "_gradient_checkpointing_func", None)]
+
+    for _ in range(2):  # as two train() calls do
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        assert routed() and not any(routed())
+        HydraLoraTrainerMixin._route_checkpointing(trainer, model)
+        assert all(routed())
+        first = trainer._checkpoint_seen
+        HydraLoraTrainerMixin._route_checkpointing(trainer, model)  # nothing new: no walk
+        assert trainer._checkpoint_seen is first

@@ -89,6 +89,8 @@ def test_eval_with_a_perfect_model_scores_one(tiny_model_dir, tmp_path, monkeypa
     reference = {e.prompt_messages[-1]["content"]: e.response for e in load_examples([path])}
     monkeypatch.setattr(generation, "generate",
                         lambda model, tok, convs, **kw: [reference[c[-1]["content"]] for c in convs])
+    # the tiny model states a 256-token context, which the BBC prompts pass: as if it stated none
+    monkeypatch.setattr("hydralora.eval.run.context_length", lambda model, tokenizer: None)
     out = tmp_path / "eval.json"
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(path), "--output", str(out)]) == 0
     result = json.loads(out.read_text())
@@ -150,30 +152,43 @@ def test_response_nll_same_with_or_without_boolean_logits_mask(tiny_llama, monke
 
 
 def test_max_new_tokens_beyond_the_context_is_one_error_line(tiny_model_dir, tmp_path, capsys):
-    path = builtin_eval_file(tmp_path)
-    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(path), "--output",
-                 str(tmp_path / "e.json"), "--max-new-tokens", "256"]) == 2
+    assert main(["generate", "--model", str(tiny_model_dir), "--max-new-tokens", "256", "--prompt", "hi"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert err == ["error: --max-new-tokens 256: the model reads at most 256 tokens (prompt and answer); "
                    "give fewer"]
-    assert not (tmp_path / "e.json").exists()
     assert main(["generate", "--model", str(tiny_model_dir), "--max-new-tokens", "8",
                  "--prompt", "x" * 400]) == 2
     assert "shorten the prompt" in capsys.readouterr().err
+    # eval: when no held-out prompt leaves room for its answer, one line and nothing written
+    path = write_jsonl(tmp_path / "long.jsonl", [{"instruction": "word " * 300, "output": "a", "metric": "label"}])
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(path), "--output",
+                 str(tmp_path / "e.json")]) == 2
+    assert "no held-out prompt leaves room for its answer" in capsys.readouterr().err
+    assert not (tmp_path / "e.json").exists()
 
 
 def test_prompts_without_room_are_left_out_of_generation_and_counted(tiny_llama):
-    from hydralora.data import Example
-    from hydralora.eval.run import fitting_for_generation
     from conftest import make_tiny_tokenizer
 
+    from hydralora.data import Example
+    from hydralora.eval.run import fitting_for_generation
+
     tok = make_tiny_tokenizer()
-    short = Example(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}])
-    long = Example(messages=[{"role": "user", "content": "word " * 300},
-                             {"role": "assistant", "content": "a"}])
-    kept, dropped = fitting_for_generation(tiny_llama, tok, 16, [short, long, short])
-    assert kept == [short, short] and dropped == 1
-    assert fitting_for_generation(tiny_llama, tok, None, [long]) == ([long], 0)
+
+    def example(prompt, metric):
+        return Example(messages=[{"role": "user", "content": prompt}, {"role": "assistant", "content": "a"}],
+                       meta={"metric": metric} if metric else {})
+
+    short, long, unscored = example("hi", "label"), example("word " * 300, "label"), example("word " * 300, None)
+    kept, dropped = fitting_for_generation(tiny_llama, tok, 16, [short, long, unscored, short])
+    assert kept == [short, unscored, short] and dropped == 1  # nothing is generated for `unscored`
+    # the answer's budget is the metric's (label: 8 tokens, pass@1: 256), lowered by --max-new-tokens
+    middle = "word " * 40
+    n = len(tok(tok.decode(tok("")["input_ids"][:1]) + middle)["input_ids"])
+    assert n < 240  # leaves room for a label, not for a pass@1 answer of 256 tokens
+    assert fitting_for_generation(tiny_llama, tok, None, [example(middle, "label"), example(middle, "pass@1"),
+                                                          short])[1] == 1
+    assert fitting_for_generation(tiny_llama, tok, 8, [example(middle, "pass@1")])[1] == 0
 
 
 def test_eval_takes_both_builtin_words(tiny_model_dir, tmp_path):

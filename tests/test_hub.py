@@ -142,6 +142,8 @@ def test_push_uploads_the_folder_without_checkpoints(trained, tmp_path, monkeypa
     assert calls["commit"][2]["revision"] == "dev"
     assert main(["push", str(folder), "someone/repo@dev", "--revision", "main"]) == 2
     assert "give the branch once" in capsys.readouterr().err
+    assert main(["push", str(folder), "someone/repo@"]) == 2
+    assert "name the branch after '@'" in capsys.readouterr().err
 
 
 def test_push_refuses_bad_input(tmp_path, capsys):

@@ -188,3 +188,19 @@ def test_a_training_that_raises_gives_the_signal_handlers_back(tiny_model_dir, t
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def test_other_processes_read_the_builtin_mixtures_without_touching_the_output(tmp_path, monkeypatch):
+    """Under torchrun only the main process writes OUTPUT/data; the others read the same seeded
+    files from a private folder (no wait on the main process's lock, no half-replaced file)."""
+    import hydralora.train.run as run
+
+    cfg = TrainConfig(data=["builtin-conflict"], eval_data=["builtin"], output=str(tmp_path / "o"))
+    monkeypatch.setattr(run, "is_main_process", lambda: False)
+    other = run.read_data(cfg)
+    assert not (tmp_path / "o").exists()
+    monkeypatch.setattr(run, "is_main_process", lambda: True)
+    main = run.read_data(cfg)
+    assert (tmp_path / "o" / "data" / "conflict" / "train.jsonl").exists()
+    assert [e.messages for e in other[0]] == [e.messages for e in main[0]]
+    assert [e.messages for e in other[1]] == [e.messages for e in main[1]] and other[1]

@@ -49,20 +49,27 @@ STORAGE_HINTS = {
 STORAGE_ERRNOS = set(STORAGE_HINTS)
 
 
-def _read_umask() -> int:
-    """The process umask. Reading it means setting it, so it is read once, at import, before
-    any thread of ours (a tracker's writer, compare's pool) creates files: a read per write
-    would leave a window in which another thread's file is made world-writable."""
+def _set_and_restore_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
-UMASK = _read_umask()
+UMASK_AT_IMPORT = _set_and_restore_umask()  # where /proc is missing: read once, before any thread of ours
 
 
 def _umask() -> int:
-    return UMASK
+    """The process umask now. Read from /proc (Linux) without setting it: reading it through
+    os.umask means setting it, which in a process with threads (a tracker's writer, compare's
+    pool) would leave a window in which another thread's file is made world-writable."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return UMASK_AT_IMPORT
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ class AnalyzeOptions:
     adapter: str = field(default="", metadata={"required": True})
     """HydraLoRA adapter directory."""
     data: list[str] = field(default_factory=list, metadata={"required": True})
-    """Examples with a 'domain' field, or 'builtin' (the built-in mixture's test split)."""
+    """Examples with a 'domain' field, or 'builtin' / 'builtin-conflict' (a built-in mixture's test split)."""
     output: str = field(default="", metadata={"required": True})
     """Directory for router_heatmap.png, ab_similarity.png and analysis.json."""
     model: str = DEFAULT_MODEL
@@ -61,7 +61,7 @@ class ClusterOptions:
     """Choose k: TF-IDF (or embeddings) + k-means + elbow."""
 
     data: list[str] = field(default_factory=list, metadata={"required": True})
-    """Data files, or 'builtin' (the built-in mixture's train split)."""
+    """Data files, or 'builtin' / 'builtin-conflict' (a built-in mixture's train split)."""
     output: str = field(default="", metadata={"required": True})
     """Directory for clusters.json, labels.jsonl, sse.png and the cluster model."""
     k_max: int = K_MAX

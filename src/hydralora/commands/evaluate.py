@@ -14,7 +14,7 @@ class EvalOptions:
     """Per-domain held-out loss and task metrics of a base model or an adapter."""
 
     data: list[str] = field(default_factory=list, metadata={"required": True})
-    """Held-out files, or 'builtin' (the built-in mixture's test split)."""
+    """Held-out files, or 'builtin' / 'builtin-conflict' (a built-in mixture's test split)."""
     model: str = DEFAULT_MODEL
     """Base model: hub id, local directory, .gguf file, or built-in name."""
     adapter: str | None = None

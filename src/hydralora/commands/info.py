@@ -25,7 +25,7 @@ class PushOptions:
     folder: str = field(default="", metadata={"positional": True})
     """Adapter folder (written by hydralora train or export)."""
     repo: str = field(default="", metadata={"positional": True})
-    """Hub repository id, owner/name (created if missing)."""
+    """Hub repository id, owner/name (created if missing); owner/name@branch pushes to a branch."""
     private: bool = False
     """Create the repository as private."""
     revision: str | None = None
@@ -43,7 +43,10 @@ class PushOptions:
             raise ConfigError(f"REPO {self.repo!r}: give a hub repository id like owner/name")
         repo, at, branch = self.repo.partition("@")
         if at:  # owner/name@branch: the branch is --revision's
-            if not branch or (self.revision and self.revision != branch):
-                raise ConfigError(f"REPO {self.repo!r}: give the branch once, as owner/name@branch "
-                                  "or with --revision")
+            if not branch:
+                raise ConfigError(f"REPO {self.repo!r}: name the branch after '@' (owner/name@branch), "
+                                  "or leave the '@' out for main")
+            if self.revision and self.revision != branch:
+                raise ConfigError(f"REPO {self.repo!r} and --revision {self.revision}: give the branch "
+                                  "once, as owner/name@branch or with --revision")
             self.repo, self.revision = repo, branch

@@ -218,13 +218,14 @@ def run_compare(opts: CompareOptions) -> dict[str, Any]:
         raise ConfigError(f"compare sets {', '.join(names)} itself "
                           "for every run; give the compare flags (--r, --num-heads, --alpha, --lr-grid, "
                           "--seeds, --model, --data, --eval-data) instead")
+    targets = normalize_targets(given.get("target_modules") or HydraLoraConfig().target_modules)
+    HydraLoraConfig(target_modules=targets)  # checked before any file is written (as train checks it)
     out = Path(opts.output)
     data = prepare_data(opts, out / "data")
     rows = [r for r in opts.rows if r != "oracle" or data["domains"]]
     if "oracle" in opts.rows and not data["domains"]:
         log("no oracle row: not every training example has a domain")
-    targets = given.get("target_modules") or HydraLoraConfig().target_modules
-    counts = parameter_counts(layer_shapes(opts.model, normalize_targets(targets),
+    counts = parameter_counts(layer_shapes(opts.model, targets,
                                            given.get("trust_remote_code", False)),
                               opts.r, opts.num_heads, len(data["domains"] or []) or None)
     common = ["--model", opts.model, "--data", data["fit"], "--eval-data", data["val"], "--no-eval-base",

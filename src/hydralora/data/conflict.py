@@ -11,8 +11,8 @@ four instructions, and only the instruction says which output is wanted:
 One LoRA update has to serve four incompatible maps of the same sentences; heads routed by the
 instruction could each learn one. This is where HydraLoRA's heads should pay if they pay
 anywhere. Train and test use disjoint sentences; every record carries its task as `domain`
-(for per-task losses and oracle routing). `--data builtin-conflict` stands for it wherever a
-command takes data files (data/words.py).
+(for per-task losses and oracle routing). `--data builtin-conflict` stands for it in `train`,
+`eval`, `compare`, `analyze` and `cluster` (data/words.py).
 """
 
 from __future__ import annotations

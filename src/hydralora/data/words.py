@@ -1,8 +1,8 @@
 """The words that stand for the built-in mixtures in a list of data files.
 
 `builtin` (the four-domain mixture, data/builtin.py) and `builtin-conflict` (four tasks over the
-same sentences, data/conflict.py) are accepted wherever a command takes data files; this module
-turns them into files, the same way for `train`, `eval`, `compare`, `analyze` and `cluster`.
+same sentences, data/conflict.py) are accepted by `train`, `eval`, `compare`, `analyze` and
+`cluster` in place of data files; this module turns them into files, the same way for each.
 """
 
 from __future__ import annotations

@@ -88,6 +88,12 @@ def metric_of(example) -> str | None:
     return example.meta.get("metric") or METRICS.get(example.domain or "")
 
 
+def answer_budget(metric: str, max_new_tokens: int | None) -> int:
+    """Tokens generated for an answer of `metric`: its own cap (MAX_NEW_TOKENS), lowered by
+    --max-new-tokens where given."""
+    return min(MAX_NEW_TOKENS.get(metric, 128), max_new_tokens or 10**6)
+
+
 def task_metrics(model, tokenizer, examples, router=None, batch_size: int = 8,
                  max_new_tokens: int | None = None, keep_outputs: bool = False) -> dict[str, Any]:
     """{domain: {"metric", "score", "examples"}} by batched greedy generation; examples without
@@ -106,7 +112,7 @@ def task_metrics(model, tokenizer, examples, router=None, batch_size: int = 8,
     for metric, group in by_metric.items():
         names = router.route([e.instruction for e in group]) if router else None
         answers = generate(model, tokenizer, [e.prompt_messages for e in group],
-                           max_new_tokens=min(MAX_NEW_TOKENS.get(metric, 128), max_new_tokens or 10**6),
+                           max_new_tokens=answer_budget(metric, max_new_tokens),
                            batch_size=batch_size, adapter_names=names)
         for ex, answer in zip(group, answers):
             value = score(metric, answer, ex)

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..commands.evaluate import EvalOptions, GenerateOptions
 from ..data import Example, bos_ids, load_examples, render_prompt, tokenize_examples
+from ..data.tokenize import char_bound
 from ..data.words import names_a_mixture, resolve_words
 from ..errors import ConfigError
 from ..files import atomic_write, check_writable, record_written
@@ -18,7 +19,7 @@ from ..methods.hydralora import oracle_labeler
 from ..routing.labels import attach_route_labels
 from .generation import generate
 from .loss import domain_losses
-from .metrics import eval_table, task_metrics
+from .metrics import answer_budget, eval_table, metric_of, task_metrics
 
 
 def limit_per_domain(examples: list[Example], limit: int) -> list[Example]:
@@ -42,32 +43,28 @@ def context_length(model, tokenizer) -> int | None:
     return value if isinstance(value, int) and 0 < value < 10**7 else None
 
 
-def prompt_lengths(tokenizer, prompts: list[list[dict]]) -> list[int]:
-    """Tokens each prompt takes as generation sees it (chat template and BOS included)."""
+def prompt_lengths(tokenizer, prompts: list[list[dict]], limit: int) -> list[int]:
+    """Tokens each prompt takes as generation sees it (chat template and BOS included); a text
+    longer than `limit` tokens can cover (`char_bound`) counts as limit + 1, untokenized."""
     bos = tokenizer.decode(bos_ids(tokenizer))
-    return [len(tokenizer(bos + render_prompt(c, tokenizer), add_special_tokens=False)["input_ids"])
-            for c in prompts]
-
-
-def room_for_answers(model, tokenizer, max_new_tokens: int | None, prompts: list[list[dict]]) -> list[bool]:
-    """Per prompt: does it leave --max-new-tokens in the model's context? Past the context
-    generation runs on for nothing (or fails late, with absolute positions). Every prompt fits
-    when the model states no context or no --max-new-tokens is given."""
-    limit = context_length(model, tokenizer)
-    if not max_new_tokens or limit is None:
-        return [True] * len(prompts)
-    if max_new_tokens >= limit:
-        raise ConfigError(f"--max-new-tokens {max_new_tokens}: the model reads at most {limit} tokens "
-                          "(prompt and answer); give fewer")
-    return [n + max_new_tokens <= limit for n in prompt_lengths(tokenizer, prompts)]
+    bound = char_bound(tokenizer, limit + 1)
+    texts = [bos + render_prompt(c, tokenizer) for c in prompts]
+    return [limit + 1 if len(t) > bound else len(tokenizer(t, add_special_tokens=False)["input_ids"])
+            for t in texts]
 
 
 def check_new_tokens(model, tokenizer, max_new_tokens: int | None, prompts: list[list[dict]]) -> None:
-    """For prompts the user typed: each must leave room for --max-new-tokens."""
-    fits = room_for_answers(model, tokenizer, max_new_tokens, prompts)
-    if not all(fits):
-        limit = context_length(model, tokenizer)
-        longest = max(prompt_lengths(tokenizer, prompts))
+    """For prompts the user typed (`generate`): each must leave room in the model's context for
+    --max-new-tokens; past it generation runs on for nothing (or fails late, with absolute
+    positions). Nothing to check where the model states no context."""
+    limit = context_length(model, tokenizer)
+    if not max_new_tokens or limit is None:
+        return
+    if max_new_tokens >= limit:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens}: the model reads at most {limit} tokens "
+                          "(prompt and answer); give fewer")
+    longest = max(prompt_lengths(tokenizer, prompts, limit), default=0)
+    if longest + max_new_tokens > limit:
         raise ConfigError(f"--max-new-tokens {max_new_tokens}: the model reads at most {limit} tokens and "
                           f"the longest prompt takes {longest}; give at most {max(limit - longest, 0)}"
                           + (" or a shorter prompt" if longest < limit else "; shorten the prompt"))
@@ -75,14 +72,22 @@ def check_new_tokens(model, tokenizer, max_new_tokens: int | None, prompts: list
 
 def fitting_for_generation(model, tokenizer, max_new_tokens: int | None,
                            examples: list[Example]) -> tuple[list[Example], int]:
-    """The held-out examples whose prompt leaves room for the answer, and how many did not (they
-    still count in the held-out loss where they fit --max-length). An error when none fits."""
-    fits = room_for_answers(model, tokenizer, max_new_tokens, [e.prompt_messages for e in examples])
-    kept = [e for e, ok in zip(examples, fits) if ok]
-    if examples and not kept:
-        raise ConfigError(f"--max-new-tokens {max_new_tokens}: no prompt leaves that many tokens in the "
-                          f"model's context of {context_length(model, tokenizer)}; give fewer")
-    return kept, len(examples) - len(kept)
+    """The held-out examples whose prompt leaves room in the model's context for their answer
+    (the metric's token budget, lowered by --max-new-tokens), and how many did not: they are
+    not generated (they still count in the held-out loss where they fit --max-length). Examples
+    without a metric are kept (nothing is generated for them). An error when none fits."""
+    limit = context_length(model, tokenizer)
+    scored = [e for e in examples if metric_of(e) is not None]
+    if limit is None or not scored:
+        return examples, 0
+    lengths = iter(prompt_lengths(tokenizer, [e.prompt_messages for e in scored], limit))
+    kept = [e for e in examples if metric_of(e) is None
+            or next(lengths) + answer_budget(metric_of(e), max_new_tokens) <= limit]
+    dropped = len(examples) - len(kept)
+    if dropped == len(scored):
+        raise ConfigError(f"no held-out prompt leaves room for its answer in the model's context of {limit} "
+                          "tokens; give a smaller --max-new-tokens, shorter prompts, or --no-generate")
+    return kept, dropped
 
 
 def check_output_file(opts: EvalOptions) -> None:
@@ -120,8 +125,8 @@ def run_eval(opts: EvalOptions, name: str | None = None) -> dict[str, Any]:
     if opts.generate:
         generated, too_long = fitting_for_generation(model, tokenizer, opts.max_new_tokens, examples)
         if too_long:
-            print(f"[hydralora] generation: {too_long} of {len(examples)} prompts leave no room for "
-                  f"--max-new-tokens {opts.max_new_tokens} in the model's context; scored without them")
+            print(f"[hydralora] generation: {too_long} of {len(examples)} prompts leave no room for their "
+                  "answer in the model's context; scored without them")
     features, _ = tokenize_examples(examples, tokenizer, opts.max_length, skip_overlong=True)
     oracle = oracle_labeler(model, Path(opts.adapter)) if opts.adapter else None
     if oracle is not None:  # a diagnostic adapter: the gates come from each example's label

@@ -20,6 +20,7 @@ import typing
 from functools import cache
 from typing import Any
 
+from ..commands.common import MAX_SEED
 from ..errors import ConfigError, short
 from ..readers import read_json_object
 
@@ -35,7 +36,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "torch_empty_cache_steps": (1, None, True, False),
     "ddp_timeout": (1, None, True, False),
     "ddp_bucket_cap_mb": (1, None, True, False),
-    "data_seed": (0, 2**32 - 1, True, True),
+    "data_seed": (0, MAX_SEED, True, True),
     "max_grad_norm": (0, None, True, False),
     "adam_beta1": (0, 1, True, False),
     "adam_beta2": (0, 1, True, False),

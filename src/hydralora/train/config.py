@@ -16,6 +16,7 @@ from ..commands.common import (
     DEFAULT_MAX_LENGTH,
     DEFAULT_MODEL,
     K_MAX,
+    MAX_SEED,
     METHOD_NAMES,
     QUANTIZE_MODES,
     SPLIT_MODES,
@@ -177,7 +178,7 @@ class TrainConfig:
                             "seed": ">=0", "save_steps": ">=0", "save_total_limit": ">=1",
                             "k_max": ">=1", "builtin_train_per_domain": ">=1",
                             "builtin_test_per_domain": ">=1"})
-        check_int_bounds(self, {"seed": 2**32 - 1})  # numpy's seeds; any other integer: 2**63 - 1
+        check_int_bounds(self, {"seed": MAX_SEED})  # any other integer: 2**63 - 1
         from transformers.trainer_utils import SchedulerType
 
         schedulers = [s.value for s in SchedulerType]

@@ -62,7 +62,7 @@ class HydraLoraTrainerMixin:
         self.gate_stats = GateStats()
         self.last_router_stats: dict[str, dict[str, Any]] = {}
         self._hydra_seen: tuple[int, bool] | None = None  # (id of the model looked at, has layers)
-        self._checkpointing_routed: int | None = None  # id of the model route_checkpointing saw
+        self._checkpoint_seen: tuple[nn.Module, Any] | None = None  # a module and its checkpoint function
 
     # ------------------------------------------------------------------ helpers
     def _hydra_model(self) -> nn.Module:
@@ -75,6 +75,16 @@ class HydraLoraTrainerMixin:
         if self._hydra_seen is None or self._hydra_seen[0] != id(model):
             self._hydra_seen = (id(model), bool(hydralora_layers(model)))
         return self._hydra_seen[1]
+
+    def _route_checkpointing(self, model: nn.Module) -> None:
+        """`route_checkpointing(model)`, walking the modules again only when the checkpoint
+        functions changed since the last call (each `Trainer.train()` installs new ones)."""
+        seen = self._checkpoint_seen
+        if seen is not None and getattr(seen[0], "_gradient_checkpointing_func", None) is seen[1]:
+            return
+        route_checkpointing(model)
+        first = next((m for m in model.modules() if getattr(m, "_gradient_checkpointing_func", None)), None)
+        self._checkpoint_seen = (first, first._gradient_checkpointing_func) if first is not None else None
 
     def _hydra_config(self):
         layers = hydralora_layers(self._hydra_model())
@@ -121,10 +131,8 @@ class HydraLoraTrainerMixin:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         training = model.training
-        if training and getattr(self.args, "gradient_checkpointing", False) \
-                and self._checkpointing_routed != id(model):  # once per model: it is idempotent
-            route_checkpointing(model)  # the recomputation in backward sees this batch's routing
-            self._checkpointing_routed = id(model)
+        if training and getattr(self.args, "gradient_checkpointing", False):
+            self._route_checkpointing(model)  # the recomputation in backward sees this batch's routing
         guide = self._guide_weight_now() if training and "route_labels" in inputs else 0.0
         stats = self.gate_stats if training and self._logs_this_step() else None
         with RoutingContext.from_batch(inputs, stats=stats, example_gates=guide > 0) as routing:

@@ -3,7 +3,9 @@ train each of its parts with the Trainer, save, evaluate, summarize."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +19,7 @@ from ..clustering.choose_k import select_num_heads
 from ..clustering.kmeans import ClusterModel
 from ..config import HydraLoraConfig
 from ..data import Example, load_examples, tokenize_examples
-from ..data.words import resolve_words
+from ..data.words import names_a_mixture, resolve_words
 from ..dist import is_main_process, log, world_size
 from ..eval.loss import domain_losses
 from ..files import make_readable, record_written, redact, redacted_header, stamp_tree, write_json, write_yaml
@@ -73,10 +75,24 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return run_training(cfg)[0]
 
 
-def resolve_data(paths: list[str], cfg: TrainConfig, split: str) -> list[str]:
+def read_data(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
+    """(training, held-out) examples of --data and --eval-data. The built-in mixtures' files are
+    written by the main process under OUTPUT/data; every other process of a multi-process run
+    writes the same (seeded) files into a private temporary folder and reads them from there,
+    so no two processes wait on one folder's lock or read a file while it is replaced."""
+    with contextlib.ExitStack() as stack:
+        folder = None
+        if not is_main_process() and names_a_mixture([*cfg.data, *cfg.eval_data]):
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hydralora-data-")))
+        examples = load_examples(resolve_data(cfg.data, cfg, "train", folder))
+        eval_examples = load_examples(resolve_data(cfg.eval_data, cfg, "test", folder)) if cfg.eval_data else []
+    return examples, eval_examples
+
+
+def resolve_data(paths: list[str], cfg: TrainConfig, split: str, folder: Path | None = None) -> list[str]:
     """Replace 'builtin' and 'builtin-conflict' by the built-in mixtures' files, written under
     OUTPUT/data."""
-    return resolve_words(paths, Path(cfg.output) / "data", split, overwrite=True,  # ours only
+    return resolve_words(paths, folder or Path(cfg.output) / "data", split, overwrite=True,  # ours only
                          train_per_domain=cfg.builtin_train_per_domain,
                          test_per_domain=cfg.builtin_test_per_domain)
 
@@ -112,10 +128,7 @@ def _run_training(cfg: TrainConfig, callbacks: Sequence[TrainerCallback]
     output = Path(cfg.output)
     started = time.time()
     our_card = card_is_ours(output)  # decided before this run writes anything (PEFT writes one)
-    train_files = resolve_data(cfg.data, cfg, "train")
-    eval_files = resolve_data(cfg.eval_data, cfg, "test") if cfg.eval_data else []
-    examples = load_examples(train_files)
-    eval_examples = load_examples(eval_files) if eval_files else []
+    examples, eval_examples = read_data(cfg)
 
     device = resolve_device(cfg.device)
     base_dtype = resolve_dtype(cfg.dtype, device)

@@ -77,13 +77,13 @@ def fitting_for_generation(model, tokenizer, max_new_tokens: int | None,
     not generated (they still count in the held-out loss where they fit --max-length). Examples
     without a metric are kept (nothing is generated for them). An error when none fits."""
     limit = context_length(model, tokenizer)
-    scored = [e for e in examples if metric_of(e) is not None]
+    scored = [(i, m) for i, e in enumerate(examples) if (m := metric_of(e)) is not None]  # (position, metric)
     if limit is None or not scored:
         return examples, 0
-    lengths = iter(prompt_lengths(tokenizer, [e.prompt_messages for e in scored], limit))
-    kept = [e for e in examples if metric_of(e) is None
-            or next(lengths) + answer_budget(metric_of(e), max_new_tokens) <= limit]
-    dropped = len(examples) - len(kept)
+    lengths = prompt_lengths(tokenizer, [examples[i].prompt_messages for i, _ in scored], limit)
+    too_long = {i for (i, m), n in zip(scored, lengths) if n + answer_budget(m, max_new_tokens) > limit}
+    kept = [e for i, e in enumerate(examples) if i not in too_long]
+    dropped = len(too_long)
     if dropped == len(scored):
         raise ConfigError(f"no held-out prompt leaves room for its answer in the model's context of {limit} "
                           "tokens; give a smaller --max-new-tokens, shorter prompts, or --no-generate")

@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_records, write_jsonl
 from hydralora.cli import main, training_flags
 from hydralora.commands.compare import CompareOptions
-from hydralora.compare.report import parameter_counts, prepare_data, row_flags, verdict_line
+from hydralora.compare.report import diagnosis, parameter_counts, prepare_data, row_flags, table, verdict_line
 from hydralora.data.conflict import TASKS, conflict_mixture
 from hydralora.errors import ConfigError
 
@@ -31,6 +31,33 @@ def test_lora_gets_hydraloras_parameter_count_and_update_scale():
     assert row_flags("control", opts, counts, None)[row_flags("control", opts, counts, None).index("--num-heads") + 1] == "1"
     oracle = row_flags("oracle", opts, counts, ["a", "b", "c"])
     assert "oracle" in oracle and oracle[oracle.index("--num-heads") + 1] == "3"
+
+
+def test_the_variant_rows_are_the_hydralora_row_with_one_setting_changed():
+    counts = parameter_counts([(64, 128)], r=8, k=4, domains=None)
+    opts = CompareOptions(data=["d"], output="o", rows=["lora", "hydralora", "sequence", "per-head"])
+    hydra = row_flags("hydralora", opts, counts, None)
+    assert row_flags("sequence", opts, counts, None) == [*hydra, "--routing", "sequence"]
+    assert row_flags("per-head", opts, counts, None) == [*hydra, "--dropout-masks", "per_head"]
+    assert "sequence" not in CompareOptions(data=["d"], output="o").rows  # asked for by name only
+    rows = {"lora": {"loss": {"0": 1.2, "1": 1.3}}, "hydralora": {"loss": {"0": 1.25, "1": 1.3}},
+            "sequence": {"loss": {"0": 1.1, "1": 1.35}}}
+    line = diagnosis(rows, ["0", "1"])[-1]
+    assert line.startswith("HydraLoRA, routed per example") and "1.225 against 1.275" in line
+    assert "lower on 1 of 2 seeds" in line
+    for row in rows.values():
+        row.update(trainable_params=10, lr="1e-3", paired_vs_lora={"0": 0.0, "1": 0.0})
+    assert "| HydraLoRA, routed per example (prompt) | 10 | 1e-3 | 1.100 | 1.350 |" in table(rows, ["0", "1"], None)
+
+
+def test_variant_rows_refuse_flags_that_void_them(tmp_path, capsys):
+    code = main(["compare", "--data", "d.jsonl", "--output", str(tmp_path / "o"),
+                 "--rows", "lora", "hydralora", "per-head", "--dropout", "0"])
+    assert code == 2 and "--rows per-head: per-head dropout masks need --dropout above 0" in capsys.readouterr().err
+    code = main(["compare", "--data", "d.jsonl", "--output", str(tmp_path / "o"),
+                 "--rows", "lora", "hydralora", "sequence", "--packing"])
+    assert code == 2 and "--rows sequence" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("lora,hydra,expected", [

@@ -9,7 +9,8 @@ from ..errors import ConfigError
 from ..options import check_ranges
 from .common import DEFAULT_MODEL
 
-ROWS = ("lora", "hydralora", "control", "oracle")
+ROWS = ("lora", "hydralora", "control", "oracle", "sequence", "per-head")
+DEFAULT_ROWS = ROWS[:4]  # the variants (sequence, per-head) are asked for by name
 # flags compare sets itself for each run; given among the training flags they are an error
 OWNED_FLAGS = ("method", "r", "num_heads", "alpha", "routing", "route_labels_from", "learning_rate",
                "seed", "data", "eval_data", "output", "overwrite", "resume", "model", "eval_base", "preset")
@@ -34,9 +35,11 @@ class CompareOptions:
     """Seeds of the paired runs (initialization, data order, dropout): each method runs each seed."""
     lr_grid: list[str] = field(default_factory=lambda: ["3e-4", "1e-3", "3e-3"])
     """Learning rates tried per method (first seed, validation split); the best one trains every seed."""
-    rows: list[str] = field(default_factory=lambda: list(ROWS))
+    rows: list[str] = field(default_factory=lambda: list(DEFAULT_ROWS))
     """Methods to compare: lora (equal parameters and update scale), hydralora (the recommended
-    preset), control (one head, HydraLoRA's initialization), oracle (routing by domain; needs domains)."""
+    preset), control (one head, HydraLoRA's initialization), oracle (routing by domain; needs
+    domains); also, by name, the variants sequence (HydraLoRA routed once per example, on its
+    prompt) and per-head (HydraLoRA with a dropout mask per head, as the authors' code)."""
     r: int = 8
     """HydraLoRA's rank (each head's)."""
     num_heads: int = 4

@@ -25,6 +25,7 @@ import json
 import os
 from dataclasses import fields
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,10 @@ VARIANTS = {"sequence": ["--routing", "sequence"], "per-head": ["--dropout-masks
 
 
 def log(message: str) -> None:
-    print(f"[compare] {message}", flush=True)
+    # one write per line: with --jobs the runs' threads log at once, and print's separate
+    # write of the newline let their lines run together
+    sys.stdout.write(f"[compare] {message}\n")
+    sys.stdout.flush()
 
 
 # ------------------------------------------------------------------------------ data

@@ -270,18 +270,20 @@ def run_compare(opts: CompareOptions) -> dict[str, Any]:
                             for row in rows for s in opts.seeds], opts.jobs)
     eval_flags = ["--model", opts.model, "--no-generate",
                   *(["--max-length", str(given["max_length"])] if given.get("max_length") else [])]
+    test = Path(data["test"])
+    trained = {(row, s): final[f"{row}-lr{chosen[row]}", s, tuple(argv[row, chosen[row], s])]
+               for row in rows for s in opts.seeds}
+    scores = runs.evaluate_all({key: (folder, eval_flags, test, folder) for key, (folder, _) in trained.items()}
+                               | {"base": (out / "runs" / "base", eval_flags, test, None)}, opts.jobs)
     result: dict[str, dict] = {}
     for row in rows:
-        entry = {"label": LABELS[row], "lr": chosen[row], "validation_loss_by_lr": val[row], "loss": {}}
-        for s in opts.seeds:
-            folder, summary = final[f"{row}-lr{chosen[row]}", s, tuple(argv[row, chosen[row], s])]
-            entry["trainable_params"] = summary["trainable_params"]
-            entry["loss"][s] = runs.evaluate(folder, eval_flags, Path(data["test"]), folder)["loss"]["mean"]["loss"]
-        result[row] = entry
+        result[row] = {"label": LABELS[row], "lr": chosen[row], "validation_loss_by_lr": val[row],
+                       "trainable_params": trained[row, opts.seeds[0]][1]["trainable_params"],
+                       "loss": {s: scores[row, s]["loss"]["mean"]["loss"] for s in opts.seeds}}
     for row, entry in result.items():
         entry["paired_vs_lora"] = {s: result["lora"]["loss"][s] - entry["loss"][s] for s in opts.seeds}
         entry["mean"], entry["sd"] = mean_sd(list(entry["loss"].values()))
-    base = runs.evaluate(out / "runs" / "base", eval_flags, Path(data["test"]), None)["loss"]["mean"]["loss"]
+    base = scores["base"]["loss"]["mean"]["loss"]
     verdict = verdict_line(result, opts.seeds)
     notes = diagnosis(result, opts.seeds)
     text = table(result, opts.seeds, base)

@@ -247,21 +247,31 @@ class Runs:
         return json.loads(result.read_text())
 
     def train_all(self, jobs: list[tuple[str, int, list[str]]], workers: int = 1) -> dict:
-        """Train every (name, seed, argv), `workers` at a time; on a failure start nothing more,
-        let the running ones finish, and stop naming every failed run."""
-        results, failed = {}, []
-        with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
-            futures = {pool.submit(self.train, name, seed, argv): (name, seed, tuple(argv))
-                       for name, seed, argv in jobs}
-            for future in as_completed(futures):
-                if future.cancelled():  # not started after an earlier failure
-                    continue
-                try:
-                    results[futures[future]] = future.result()
-                except TrainingError as err:
-                    failed.append(str(err))
-                    for other in futures:
-                        other.cancel()
-        if failed:
-            raise TrainingError("; ".join(failed))
-        return results
+        """Train every (name, seed, argv), `workers` at a time: {(name, seed, tuple(argv)): (folder,
+        summary)}."""
+        return in_parallel({(name, seed, tuple(argv)): functools.partial(self.train, name, seed, argv)
+                            for name, seed, argv in jobs}, workers)
+
+    def evaluate_all(self, jobs: dict[Any, tuple[Path, list[str], Path, Path | None]], workers: int = 1) -> dict:
+        """`evaluate` each {key: (folder, eval_argv, data, adapter)}, `workers` at a time: {key: result}."""
+        return in_parallel({key: functools.partial(self.evaluate, *args) for key, args in jobs.items()}, workers)
+
+
+def in_parallel(calls: dict[Any, Callable[[], Any]], workers: int) -> dict:
+    """Run each {key: call}, `workers` at a time: {key: result}. On a failure start nothing more,
+    let the running ones finish, and stop naming every failed call."""
+    results, failed = {}, []
+    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
+        futures = {pool.submit(call): key for key, call in calls.items()}
+        for future in as_completed(futures):
+            if future.cancelled():  # not started after an earlier failure
+                continue
+            try:
+                results[futures[future]] = future.result()
+            except TrainingError as err:
+                failed.append(str(err))
+                for other in futures:
+                    other.cancel()
+    if failed:
+        raise TrainingError("; ".join(failed))
+    return results

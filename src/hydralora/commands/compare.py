@@ -51,8 +51,8 @@ class CompareOptions:
     test_per_domain: int = 16
     """Without --eval-data: examples per domain carved from --data for the final table."""
     jobs: int = 1
-    """Runs trained at once (each with cores/jobs threads): faster on a big machine; the timings
-    then share it."""
+    """Runs trained (and then evaluated) at once, each with cores/jobs threads: faster on a big
+    machine; the timings then share it."""
     fresh: bool = False
     """Retrain runs found complete on disk (default: reuse them: an interrupted compare resumes)."""
     train_args: list[str] = field(default_factory=list, metadata={"skip": True})

@@ -68,6 +68,15 @@ def test_variant_rows_refuse_flags_that_void_them(tmp_path, capsys):
 def test_the_verdict_follows_the_paired_seeds(lora, hydra, expected):
     rows = {"lora": {"loss": lora}, "hydralora": {"loss": hydra}}
     assert expected in verdict_line(rows, ["0", "1"])
+    # a control lower than HydraLoRA on every seed turns a win over LoRA into the initialization's
+    rows["control"] = {"loss": {"0": 1.0, "1": 1.2}}
+    line = verdict_line(rows, ["0", "1"])
+    if expected.startswith("HydraLoRA beats"):
+        assert "one head with its initialization is better still by 0.075" in line and "heads do not pay" in line
+    else:
+        assert line == verdict_line({k: v for k, v in rows.items() if k != "control"}, ["0", "1"])
+    rows["control"] = {"loss": {"0": 1.0, "1": 1.4}}  # lower on one seed only: no such claim
+    assert verdict_line(rows, ["0", "1"]) == verdict_line({k: v for k, v in rows.items() if k != "control"}, ["0", "1"])
 
 
 def test_validation_and_test_splits_are_carved_per_domain(tmp_path):

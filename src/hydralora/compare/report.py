@@ -147,14 +147,21 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def verdict_line(rows: dict[str, dict], seeds: list[str]) -> str:
-    """One line from the paired held-out losses of HydraLoRA and LoRA of equal size."""
+    """One line from the paired held-out losses of HydraLoRA and LoRA of equal size, and of the
+    one-head control when HydraLoRA's win over LoRA is its initialization's."""
     hydra, lora = rows["hydralora"]["loss"], rows["lora"]["loss"]
     diffs = [lora[s] - hydra[s] for s in seeds]  # > 0: HydraLoRA lower (better)
     mean, wins = statistics.mean(diffs), sum(d > 0 for d in diffs)
     n = len(seeds)
     if wins == n:
-        return (f"HydraLoRA beats LoRA of equal size by {mean:.3f} held-out loss (mean of {n} paired "
-                f"seed{'s' if n > 1 else ''}; lower on {'every seed' if n > 1 else 'the seed'}).")
+        line = (f"HydraLoRA beats LoRA of equal size by {mean:.3f} held-out loss (mean of {n} paired "
+                f"seed{'s' if n > 1 else ''}; lower on {'every seed' if n > 1 else 'the seed'})")
+        if "control" in rows and all(rows["control"]["loss"][s] < hydra[s] for s in seeds):
+            # the win is HydraLoRA's initialization, not its heads: one head of it does better
+            gap = statistics.mean(hydra[s] - rows["control"]["loss"][s] for s in seeds)
+            return (f"{line}, but one head with its initialization is better still by {gap:.3f} on "
+                    f"{'every seed' if n > 1 else 'the seed'}: the heads do not pay here, the initialization does.")
+        return line + "."
     if mean > 0:
         return (f"HydraLoRA does not pay here: ahead of LoRA of equal size by {mean:.3f} on average "
                 f"but lower on only {wins} of {n} seeds.")

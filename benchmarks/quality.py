@@ -245,7 +245,7 @@ def run(cmd: list[str], log: Path, threads: int | None = None) -> None:
 
 
 def runs(root: Path, fresh: bool = False) -> Runs:
-    return Runs(root, fresh=fresh, threads=THREADS, log=lambda message: print(f"[quality] {message}\n", end="", flush=True))
+    return Runs(root, fresh=fresh, threads=THREADS, log=lambda message: print(f"[quality] {message}", flush=True))
 
 
 def adapter_rank(name: str) -> int:

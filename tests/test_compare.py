@@ -151,3 +151,25 @@ def test_recorded_configs_are_checked_under_every_name_of_a_flag():
     flags = {"--lr": ["1e-3"], "--batch-size": ["8"], "--lora-alpha": ["16"]}
     assert config_mismatches(recorded, flags) == [
         "--batch-size 8 but train_config.yaml has per_device_train_batch_size: 4"]
+
+
+def test_runs_log_one_line_at_a_time_from_parallel_workers(tmp_path):
+    """Workers (--jobs) log through Runs.log, which hands the log function one line at a time."""
+    import threading
+    import time
+
+    from hydralora.compare.runs import Runs, in_parallel
+
+    inside, overlaps, lines = [0], [], []
+
+    def slow_log(message):  # a log that would interleave if two calls overlapped
+        inside[0] += 1
+        overlaps.append(inside[0] > 1)
+        time.sleep(0.01)
+        lines.append(message)
+        inside[0] -= 1
+
+    runs = Runs(tmp_path, log=slow_log)
+    start = threading.Barrier(4)
+    in_parallel({i: (lambda i=i: (start.wait(), runs.log(f"line {i}"))) for i in range(4)}, workers=4)
+    assert sorted(lines) == [f"line {i}" for i in range(4)] and not any(overlaps)

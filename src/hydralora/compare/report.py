@@ -25,7 +25,6 @@ import json
 import os
 from dataclasses import fields
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +46,7 @@ VARIANTS = {"sequence": ["--routing", "sequence"], "per-head": ["--dropout-masks
 
 
 def log(message: str) -> None:
-    # one write per line: with --jobs the runs' threads log at once, and print's separate
-    # write of the newline let their lines run together
-    sys.stdout.write(f"[compare] {message}\n")
-    sys.stdout.flush()
+    print(f"[compare] {message}", flush=True)
 
 
 # ------------------------------------------------------------------------------ data
@@ -133,7 +129,7 @@ def row_flags(row: str, opts: CompareOptions, counts: dict[str, int], domains: l
     if row == "lora":
         rank = counts["lora_rank"]
         return ["--method", "lora", "--r", str(rank), "--alpha", f"{scale * rank:g}"]
-    heads = len(domains or []) if row == "oracle" else 1 if row == "control" else k
+    heads = {"control": 1, "oracle": len(domains or [])}.get(row, k)  # the variants keep k
     flags = ["--method", "hydralora", "--preset", "recommended", "--r", str(r), "--num-heads", str(heads),
              "--alpha", f"{scale * r:g}"]
     if row == "oracle":
@@ -153,14 +149,15 @@ def verdict_line(rows: dict[str, dict], seeds: list[str]) -> str:
     diffs = [lora[s] - hydra[s] for s in seeds]  # > 0: HydraLoRA lower (better)
     mean, wins = statistics.mean(diffs), sum(d > 0 for d in diffs)
     n = len(seeds)
+    every = "every seed" if n > 1 else "the seed"
     if wins == n:
         line = (f"HydraLoRA beats LoRA of equal size by {mean:.3f} held-out loss (mean of {n} paired "
-                f"seed{'s' if n > 1 else ''}; lower on {'every seed' if n > 1 else 'the seed'})")
+                f"seed{'s' if n > 1 else ''}; lower on {every})")
         if "control" in rows and all(rows["control"]["loss"][s] < hydra[s] for s in seeds):
             # the win is HydraLoRA's initialization, not its heads: one head of it does better
             gap = statistics.mean(hydra[s] - rows["control"]["loss"][s] for s in seeds)
             return (f"{line}, but one head with its initialization is better still by {gap:.3f} on "
-                    f"{'every seed' if n > 1 else 'the seed'}: the heads do not pay here, the initialization does.")
+                    f"{every}: the heads do not pay here, the initialization does.")
         return line + "."
     if mean > 0:
         return (f"HydraLoRA does not pay here: ahead of LoRA of equal size by {mean:.3f} on average "

@@ -19,6 +19,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -188,13 +189,19 @@ def read_json(path: Path) -> Any:
 class Runs:
     """Trains and evaluates named variants under `root`, reusing finished runs.
 
-    `log` receives one line per event (a run starting, reused, finished); `threads` is the torch
+    `log` receives one line per event (a run starting, reused, finished), one call at a time
+    (with several workers their lines would otherwise run together); `threads` is the torch
     thread count of each subprocess (None: torch's default), set when runs share the machine.
     """
 
     def __init__(self, root: Path, fresh: bool = False, threads: int | None = None,
                  log: Callable[[str], None] = print):
-        self.root, self.fresh, self.threads, self.log = Path(root), fresh, threads, log
+        self.root, self.fresh, self.threads, self._log = Path(root), fresh, threads, log
+        self._log_lock = threading.Lock()
+
+    def log(self, message: str) -> None:
+        with self._log_lock:
+            self._log(message)
 
     def run_dir(self, name: str, seed: int, argv: list[str]) -> Path:
         return self.root / f"{name}-s{seed}-{flags_hash(canonical_flags(argv))}"
